@@ -1,0 +1,133 @@
+"""The ``appliance`` command. Exit codes: 0 success, 1 the command failed (bad config, build error), 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+from appliance.config import DEFAULT_PATH, ConfigError, load
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(args.path)
+    except ConfigError as e:
+        print(f"{args.path}: {len(e.problems)} problem(s):", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    models = ", ".join(f"{m.name} ({m.kind}, :{m.port})" for m in cfg.models)
+    binds = ", ".join(cfg.server.bind)
+    print(f"{args.path}: OK: proxy on {binds} port {cfg.server.port}, metrics on 127.0.0.1:{cfg.metrics.port}, "
+          f"models: {models}")
+    return 0
+
+
+def _install_llama_server(args: argparse.Namespace) -> int:
+    from appliance.runtime.build import BuildError, BuildSpec, install
+
+    try:
+        path = install(BuildSpec(args.backend, tuple(args.cmake_flag)), Path(args.prefix), args.jobs)
+    except BuildError as e:
+        print(f"install-llama-server: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _install_model(args: argparse.Namespace) -> int:
+    from appliance.runtime.model_install import ModelInstallError, install_default_model
+
+    try:
+        path = install_default_model(Path(args.models_dir))
+    except ModelInstallError as e:
+        print(f"install-model: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    from appliance.runtime.launcher import LaunchError, exec_model
+
+    try:
+        exec_model(load(args.config), args.name)
+    except (ConfigError, LaunchError) as e:
+        print(f"run-model {args.name}: {e}", file=sys.stderr)
+        return 1
+    return 0  # not reached: exec_model replaces this process
+
+
+def _supervisor_conf(args: argparse.Namespace) -> int:
+    from appliance.runtime.supervisor_conf import write_supervisor_conf
+
+    try:
+        path = write_supervisor_conf(load(args.config), Path(args.output) if args.output else None)
+    except ConfigError as e:
+        print(f"{args.config}: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from appliance.runtime.up import run_up
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"{args.config}: {len(e.problems)} problem(s):", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    return run_up(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Managed LLM runtime appliance.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('appliance')}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a config file; prints every problem with its key")
+    p.add_argument("path", type=Path, help="the appliance TOML file")
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser("install-llama-server", help="build the pinned llama-server (cached per machine) and install it")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "rocm", "vulkan"])
+    p.add_argument("--prefix", default="/opt/appliance/bin", help="directory to install into [%(default)s]")
+    p.add_argument("--cmake-flag", action="append", default=[], metavar="-DNAME=VALUE",
+                   help="extra CMake flag (repeatable; part of the cache key)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel build jobs [all cores]")
+    p.set_defaults(func=_install_llama_server)
+
+    p = sub.add_parser("install-model", help="install the default model (Gemma 3 270M Q4_K_M), sha256-checked")
+    p.add_argument("--models-dir", default="/opt/appliance/models", help="[%(default)s]")
+    p.set_defaults(func=_install_model)
+
+    p = sub.add_parser("run-model", help="exec one model's llama-server (what supervisord runs)")
+    p.add_argument("name", help="the model's name in the config")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help="[%(default)s]")
+    p.set_defaults(func=_run_model)
+
+    p = sub.add_parser("supervisor-conf", help="write the supervisord config generated from the appliance config")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help="[%(default)s]")
+    p.add_argument("--output", help="where to write it [<runtime_dir>/supervisord.conf]")
+    p.set_defaults(func=_supervisor_conf)
+
+    p = sub.add_parser("up", help="run everything in the foreground under supervisord; Ctrl-C stops it all")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help="[%(default)s]")
+    p.set_defaults(func=_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

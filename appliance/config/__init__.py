@@ -1,0 +1,26 @@
+"""Configuration: one TOML file, validated fail-closed into immutable objects."""
+
+from appliance.config.load import DEFAULT_PATH, ConfigError, check_bind_address, load, parse, read_api_keys
+from appliance.config.model import (
+    ApplianceConfig,
+    LlamaServerConfig,
+    MetricsConfig,
+    ModelConfig,
+    ServerConfig,
+    SupervisionConfig,
+)
+
+__all__ = [
+    "DEFAULT_PATH",
+    "ApplianceConfig",
+    "ConfigError",
+    "LlamaServerConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "ServerConfig",
+    "SupervisionConfig",
+    "check_bind_address",
+    "load",
+    "parse",
+    "read_api_keys",
+]

@@ -1,0 +1,318 @@
+"""Load and validate the appliance TOML file, fail-closed.
+
+Every problem is collected (not just the first) and names its key, so that ``appliance check-config`` can print them
+all at once and an operator fixes the file in one pass. Nothing here starts processes or touches the network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from appliance.config.args import check_extra_args
+from appliance.config.model import (
+    BODY_LIMIT_MAX,
+    ApplianceConfig,
+    LlamaServerConfig,
+    MetricsConfig,
+    ModelConfig,
+    ServerConfig,
+    SupervisionConfig,
+)
+
+DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
+KINDS = ("chat", "embed")
+POOLINGS = ("none", "mean", "cls", "last", "rank")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``problems`` lists every ``key: reason``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, reason: str) -> None:
+        self.items.append(f"{key}: {reason}")
+
+
+def _typename(t: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", tuple: "a list of strings"}[t]
+
+
+def _coerce(value: Any, expected: type, key: str, problems: _Problems) -> Any:
+    # bool is a subclass of int in Python: `port = true` must not pass as port 1.
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        problems.add(key, f"must be {_typename(expected)}, got {value!r}")
+        return MISSING
+    return value
+
+
+def _section(cls: type, raw: Any, prefix: str, problems: _Problems, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Type-check one table against the dataclass ``cls``; unknown keys are errors (typos must not pass silently)."""
+    if not isinstance(raw, dict):
+        problems.add(prefix, "must be a table")
+        return {}
+    types: dict[str, type] = {}
+    for f in fields(cls):
+        if f.name == "source":
+            continue
+        default = f.default if f.default is not MISSING else None
+        types[f.name] = type(default) if default is not None else (int if f.name == "port" else str)
+    known = ", ".join(sorted(types))
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in types:
+            problems.add(f"{prefix}.{key}", f"unknown key (known keys: {known})")
+            continue
+        coerced = _coerce(value, types[key], f"{prefix}.{key}", problems)
+        if coerced is not MISSING:
+            out[key] = coerced
+    for key in required:
+        if key not in raw:
+            problems.add(f"{prefix}.{key}", "is required")
+    return out
+
+
+def check_bind_address(text: str) -> str | None:
+    """Return why ``text`` is not an acceptable public bind address, or None when it is."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return f"{text!r} is not an IP address (use a numeric address of this host, e.g. 127.0.0.1 or 192.168.1.10)"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        # ::ffff:0.0.0.0 binds every IPv4 address on dual-stack hosts: judge the mapped address.
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        return f"{text} listens on every interface; name the one address clients should use"
+    if addr == ipaddress.IPv4Address("255.255.255.255"):
+        return f"{text} is the broadcast address"
+    if addr.is_multicast:
+        return f"{text} is a multicast address"
+    return None
+
+
+def _is_loopback(text: str) -> bool:
+    addr = ipaddress.ip_address(text)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _resolve(base: Path, text: str) -> Path:
+    """Canonical path: relative paths are taken from the config file's directory, symlinks are followed."""
+    p = Path(text).expanduser()
+    if not p.is_absolute():
+        p = base / p
+    return p.resolve()
+
+
+def read_api_keys(path: Path) -> list[str]:
+    """One key per line; blank lines and lines starting with '#' are ignored."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+
+
+def _check_server(server: ServerConfig, base: Path, problems: _Problems) -> None:
+    if not server.bind:
+        problems.add("server.bind", "must name at least one address")
+    bad = False
+    for i, text in enumerate(server.bind):
+        reason = check_bind_address(text)
+        if reason:
+            bad = True
+            problems.add(f"server.bind[{i}]", reason)
+    if not bad and not server.api_keys_file and not server.allow_unauthenticated_lan:
+        lan = [b for b in server.bind if not _is_loopback(b)]
+        if lan:
+            problems.add(
+                "server.bind",
+                f"{', '.join(lan)} is reachable from the network but no api_keys_file is set; "
+                "set server.api_keys_file, or server.allow_unauthenticated_lan = true to accept that risk",
+            )
+    if server.api_keys_file:
+        keys_path = _resolve(base, server.api_keys_file)
+        try:
+            if not read_api_keys(keys_path):
+                problems.add("server.api_keys_file", f"{keys_path} holds no key (one key per line)")
+        except OSError as e:
+            problems.add("server.api_keys_file", f"cannot read {keys_path}: {e.strerror}")
+    if server.workers < 1:
+        problems.add("server.workers", "must be at least 1")
+    if not 0 < server.body_limit_bytes <= BODY_LIMIT_MAX:
+        problems.add("server.body_limit_bytes", f"must be between 1 and {BODY_LIMIT_MAX} (256 MiB)")
+    for key in ("request_timeout_s", "graceful_timeout_s"):
+        if getattr(server, key) <= 0:
+            problems.add(f"server.{key}", "must be greater than 0")
+
+
+def _check_paths(cfg: ApplianceConfig, base: Path, problems: _Problems) -> None:
+    ls = cfg.llama_server
+    binary = _resolve(base, ls.binary)
+    prefixes = [_resolve(base, p) for p in ls.allowed_binary_prefixes]
+    if not prefixes:
+        problems.add("llama_server.allowed_binary_prefixes", "must name at least one directory")
+    elif not any(binary.is_relative_to(p) for p in prefixes):
+        problems.add(
+            "llama_server.binary",
+            f"{binary} (canonical path) is outside llama_server.allowed_binary_prefixes "
+            f"({', '.join(str(p) for p in prefixes)})",
+        )
+    if not binary.is_file():
+        problems.add("llama_server.binary", f"{binary} does not exist (build it with `appliance install-llama-server`)")
+    models_dir = _resolve(base, ls.models_dir)
+    if not models_dir.is_dir():
+        problems.add("llama_server.models_dir", f"{models_dir} is not a directory")
+    for i, m in enumerate(cfg.models):
+        for key in ("file", "mmproj"):
+            text = getattr(m, key)
+            if not text:
+                continue
+            path = _resolve(models_dir, text)
+            if not path.is_relative_to(models_dir):
+                problems.add(f"models[{i}].{key}", f"{path} (symlinks followed) is outside models_dir {models_dir}")
+            elif not path.is_file():
+                problems.add(f"models[{i}].{key}", f"{path} does not exist (install it with `appliance install-model`)")
+
+
+def _check_models(cfg: ApplianceConfig, problems: _Problems) -> None:
+    if not cfg.models:
+        problems.add("models", "configure at least one [[models]] entry")
+    seen: dict[str, str] = {}
+    for i, m in enumerate(cfg.models):
+        key = f"models[{i}]"
+        for j, name in enumerate((m.name, *m.aliases)):
+            where = f"{key}.name" if j == 0 else f"{key}.aliases[{j - 1}]"
+            if not name:
+                problems.add(where, "must not be empty")
+            elif name in seen:
+                problems.add(where, f"{name!r} is already used by {seen[name]}")
+            else:
+                seen[name] = where
+        if m.kind not in KINDS:
+            problems.add(f"{key}.kind", f"must be one of {', '.join(KINDS)}, got {m.kind!r}")
+        if m.pooling not in POOLINGS:
+            problems.add(f"{key}.pooling", f"must be one of {', '.join(POOLINGS)}, got {m.pooling!r}")
+        for attr, low in (("ctx_size", 1), ("threads", 1), ("parallel", 1), ("gpu_layers", 0)):
+            if getattr(m, attr) < low:
+                problems.add(f"{key}.{attr}", f"must be at least {low}")
+        for reason in check_extra_args(m.extra_args):
+            problems.add(f"{key}.extra_args", reason)
+
+
+def _check_ports(cfg: ApplianceConfig, problems: _Problems) -> None:
+    ports: list[tuple[str, int]] = [("server.port", cfg.server.port), ("metrics.port", cfg.metrics.port)]
+    ports += [(f"models[{i}].port", m.port) for i, m in enumerate(cfg.models)]
+    owner: dict[int, str] = {}
+    for key, port in ports:
+        if not 1 <= port <= 65535:
+            problems.add(key, f"{port} is not a TCP port (1-65535)")
+        elif key.startswith("models") and port <= 1024:
+            problems.add(key, f"{port} is a privileged port; llama-server ports must be above 1024")
+        if port in owner:
+            problems.add(key, f"{port} is already used by {owner[port]}")
+        else:
+            owner[port] = key
+
+
+def _check_supervision(s: SupervisionConfig, problems: _Problems) -> None:
+    if s.max_restarts < 0:
+        problems.add("supervision.max_restarts", "must be 0 or more")
+    if s.stable_uptime_s < 1:
+        problems.add("supervision.stable_uptime_s", "must be at least 1")
+    if s.backoff_initial_s <= 0 or s.backoff_max_s < s.backoff_initial_s:
+        problems.add("supervision.backoff_max_s", "backoff_initial_s must be > 0 and backoff_max_s >= it")
+
+
+def parse(data: Mapping[str, Any], base: Path, source: Path | None = None, check_files: bool = True) -> ApplianceConfig:
+    """Validate a parsed TOML document. Relative paths are taken from ``base`` (the config file's directory)."""
+    problems = _Problems()
+    sections: dict[str, tuple[type, Callable[..., Any]]] = {
+        "server": (ServerConfig, ServerConfig),
+        "metrics": (MetricsConfig, MetricsConfig),
+        "llama_server": (LlamaServerConfig, LlamaServerConfig),
+        "supervision": (SupervisionConfig, SupervisionConfig),
+    }
+    for key in data:
+        if key not in (*sections, "models"):
+            problems.add(key, f"unknown section (known: {', '.join([*sections, 'models'])})")
+    built: dict[str, Any] = {}
+    for name, (cls, make) in sections.items():
+        built[name] = make(**_section(cls, data.get(name, {}), name, problems))
+    models: list[ModelConfig] = []
+    raw_models = data.get("models", [])
+    if not isinstance(raw_models, list):
+        problems.add("models", "must be an array of tables ([[models]])")
+        raw_models = []
+    for i, raw in enumerate(raw_models):
+        values = _section(ModelConfig, raw, f"models[{i}]", problems, required=("name", "file", "port"))
+        if all(k in values for k in ("name", "file", "port")):
+            models.append(ModelConfig(**values))
+    cfg = ApplianceConfig(models=tuple(models), source=source, **built)
+    if len(models) == len(raw_models):
+        _check_models(cfg, problems)
+        _check_ports(cfg, problems)
+    _check_server(cfg.server, base, problems)
+    _check_supervision(cfg.supervision, problems)
+    if check_files:
+        _check_paths(cfg, base, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return _absolutize(cfg, base)
+
+
+def _absolutize(cfg: ApplianceConfig, base: Path) -> ApplianceConfig:
+    """Replace relative paths with canonical absolute ones so that every consumer sees the same files."""
+    from dataclasses import replace
+
+    ls = cfg.llama_server
+    models_dir = _resolve(base, ls.models_dir)
+    return replace(
+        cfg,
+        server=replace(cfg.server, api_keys_file=str(_resolve(base, cfg.server.api_keys_file))
+                       if cfg.server.api_keys_file else ""),
+        llama_server=LlamaServerConfig(
+            binary=str(_resolve(base, ls.binary)),
+            allowed_binary_prefixes=tuple(str(_resolve(base, p)) for p in ls.allowed_binary_prefixes),
+            models_dir=str(models_dir),
+        ),
+        supervision=replace(cfg.supervision, runtime_dir=str(_resolve(base, cfg.supervision.runtime_dir))),
+        models=tuple(
+            replace(m, file=str(_resolve(models_dir, m.file)), mmproj=str(_resolve(models_dir, m.mmproj)) if m.mmproj
+                    else "")
+            for m in cfg.models
+        ),
+    )
+
+
+def load(path: Path | str, check_files: bool = True) -> ApplianceConfig:
+    """Read and validate ``path``; raises ConfigError listing every problem."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{p}: not valid TOML: {e}"]) from e
+    return parse(data, p.resolve().parent, source=p.resolve(), check_files=check_files)

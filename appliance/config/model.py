@@ -1,0 +1,88 @@
+"""Typed, immutable configuration objects. Defaults are documented here and in README.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+BODY_LIMIT_DEFAULT = 32 * MiB
+BODY_LIMIT_MAX = 256 * MiB
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The public proxy."""
+
+    bind: tuple[str, ...] = ("127.0.0.1",)
+    port: int = 8080
+    workers: int = 2
+    body_limit_bytes: int = BODY_LIMIT_DEFAULT
+    #: Seconds until llama-server sends response headers; past that the client gets 504.
+    request_timeout_s: float = 120.0
+    #: Seconds in-flight requests and streams get to finish after SIGTERM.
+    graceful_timeout_s: float = 30.0
+    #: File with one API key per line; empty means no authentication.
+    api_keys_file: str = ""
+    allow_unauthenticated_lan: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus exporter; always bound to 127.0.0.1."""
+
+    port: int = 9464
+
+
+@dataclass(frozen=True)
+class LlamaServerConfig:
+    binary: str = "/opt/appliance/bin/llama-server"
+    allowed_binary_prefixes: tuple[str, ...] = ("/opt/appliance/bin/", "/usr/local/bin/")
+    models_dir: str = "/opt/appliance/models"
+
+
+@dataclass(frozen=True)
+class SupervisionConfig:
+    """Restart policy for llama-server children (SPEC §3)."""
+
+    #: Failed starts in a row before a model is marked failed (FATAL) and left stopped.
+    max_restarts: int = 5
+    #: Uptime after which a start counts as stable and the restart budget refills.
+    stable_uptime_s: int = 10
+    #: First restart delay; doubles with every failed start in a row, capped at backoff_max_s.
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    #: Where generated supervisord config, sockets, logs and state live.
+    runtime_dir: str = "/run/appliance"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    file: str
+    port: int
+    kind: str = "chat"  # chat | embed
+    aliases: tuple[str, ...] = ()
+    ctx_size: int = 4096
+    gpu_layers: int = 0
+    threads: int = 2
+    parallel: int = 2
+    pooling: str = "mean"  # embed models only
+    mmproj: str = ""  # optional multimodal projector, under models_dir
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ApplianceConfig:
+    models: tuple[ModelConfig, ...]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    llama_server: LlamaServerConfig = field(default_factory=LlamaServerConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    source: Path | None = None
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)

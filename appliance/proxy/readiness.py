@@ -1,0 +1,128 @@
+"""Per-model readiness, learned from each llama-server's own ``/health`` and, when present, from supervisord.
+
+"The process is running" says nothing about whether the model is loaded: llama-server answers 503 until it is. Each
+worker polls every child in the background and the request path only reads the result, so readiness costs a request
+nothing. A refused connection marks the model not ready at once, without waiting for the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.config import ApplianceConfig, ModelConfig
+from appliance.proxy.upstream import Upstream
+from appliance.runtime.names import program_name
+
+log = logging.getLogger("appliance.proxy")
+
+READY, LOADING, RESTARTING, FAILED, STOPPED = "ready", "loading", "restarting", "failed", "stopped"
+
+
+@dataclass
+class ModelState:
+    state: str = LOADING
+    since: float = 0.0
+    restarts: int = 0
+    pid: int = 0
+
+    def set(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = time.time()
+
+
+def _supervisor_states(socket_path: Path) -> dict[str, dict[str, Any]]:
+    """Blocking XML-RPC call to supervisord over its unix socket (run in a thread)."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, serverurl=f"unix://{socket_path}")
+    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    infos: list[dict[str, Any]] = proxy.supervisor.getAllProcessInfo()  # type: ignore[assignment]
+    return {i["name"]: i for i in infos}
+
+
+class Readiness:
+    def __init__(self, cfg: ApplianceConfig, upstream: Upstream, interval_s: float = 1.0) -> None:
+        self._cfg = cfg
+        self._upstream = upstream
+        self._interval = interval_s
+        now = time.time()
+        self.models: dict[str, ModelState] = {m.name: ModelState(since=now) for m in cfg.models}
+        sock = Path(cfg.supervision.runtime_dir) / "supervisor.sock"
+        self._supervisor_socket: Path | None = sock if sock.exists() else None
+        self._task: asyncio.Task[None] | None = None
+
+    def is_ready(self, model: ModelConfig) -> bool:
+        return self.models[model.name].state == READY
+
+    def mark_refused(self, model: ModelConfig) -> None:
+        st = self.models[model.name]
+        if st.state == READY:
+            st.set(RESTARTING)
+
+    async def poll_once(self) -> None:
+        sup: dict[str, dict[str, Any]] = {}
+        if self._supervisor_socket is not None:
+            try:
+                sup = await asyncio.to_thread(_supervisor_states, self._supervisor_socket)
+            except (OSError, xmlrpc.client.Error) as e:
+                log.debug("supervisord not reachable: %s", e)
+        statuses = await asyncio.gather(
+            *(self._upstream.health(f"http://127.0.0.1:{m.port}", timeout_s=2.0) for m in self._cfg.models)
+        )
+        for m, status in zip(self._cfg.models, statuses, strict=True):
+            st = self.models[m.name]
+            info = sup.get(program_name(m))
+            if info is not None:
+                pid = int(info.get("pid") or 0)
+                if pid and st.pid and pid != st.pid:
+                    st.restarts += 1
+                if pid:
+                    st.pid = pid
+            statename = info.get("statename") if info else None
+            if status == 200:
+                st.set(READY)
+            elif statename == "FATAL":
+                st.set(FAILED)
+            elif statename in ("STOPPED", "STOPPING", "EXITED"):
+                st.set(STOPPED)
+            elif status == 503 and st.state != RESTARTING:
+                st.set(LOADING)
+            elif st.state in (READY, RESTARTING) or st.restarts:
+                st.set(RESTARTING)
+            else:
+                st.set(LOADING)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.poll_once()
+            except Exception:  # a poller that dies would freeze every model's state
+                log.exception("readiness poll failed")
+
+    async def start(self) -> None:
+        await self.poll_once()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def summary(self) -> tuple[str, str]:
+        """(status, warm_up_state) for /health, before draining is taken into account."""
+        states = {s.state for s in self.models.values()}
+        if states == {READY}:
+            return "ok", "ready"
+        if FAILED in states:
+            return "unhealthy", "unhealthy"
+        return "starting", "loading"

@@ -1,0 +1,60 @@
+"""The gunicorn worker: uvicorn-worker's UvicornWorker with a draining phase on SIGTERM.
+
+On SIGTERM a plain uvicorn worker closes its listening socket at once, so a load balancer polling /health sees a
+refused connection instead of "draining". Here the first SIGTERM only flips the app to draining (503 on /health and on
+new work) and the worker exits once in-flight requests and streams have finished, or when the grace period ends.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from types import FrameType
+from typing import Any, ClassVar
+
+from uvicorn.config import Config
+from uvicorn.server import Server
+from uvicorn_worker import UvicornWorker
+
+from appliance.proxy.app import ProxyApp
+
+
+class DrainingServer(Server):
+    def __init__(self, config: Config, app: ProxyApp, grace_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._grace_s = grace_s
+        self._drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self._drain_started is None:
+            self._drain_started = time.monotonic()
+            self._app.runtime.draining = True
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_started is not None:
+            idle = self._app.runtime.in_flight <= 0
+            if idle or time.monotonic() - self._drain_started >= self._grace_s:
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+class ApplianceWorker(UvicornWorker):  # type: ignore[misc]
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "http": "httptools", "lifespan": "on"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # gunicorn's graceful_timeout is not passed to uvicorn. The drain phase gets most of it; uvicorn's own
+        # shutdown only has idle connections left to close.
+        self.grace_s = max(1.0, float(self.cfg.graceful_timeout) - 5.0)
+        self.config.timeout_graceful_shutdown = 3
+
+    async def _serve(self) -> None:
+        self.config.app = self.wsgi
+        server = DrainingServer(self.config, self.wsgi, self.grace_s)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            raise SystemExit(3)  # gunicorn's Arbiter.WORKER_BOOT_ERROR

@@ -1,0 +1,73 @@
+"""``appliance up``: supervisord in the foreground with the generated config; reports progress as models get ready."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from appliance.config import ApplianceConfig
+from appliance.runtime.supervisor_conf import write_supervisor_conf
+
+
+def _say(message: str) -> None:
+    print(f"[appliance] {message}", flush=True)
+
+
+def _health(url: str) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            doc: dict[str, object] = json.load(r)
+            return doc
+    except urllib.error.HTTPError as e:  # 503 while loading still carries the document
+        try:
+            doc = json.load(e)
+            return doc
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
+def run_up(cfg: ApplianceConfig) -> int:
+    conf = write_supervisor_conf(cfg)
+    supervisord = Path(sys.executable).with_name("supervisord")
+    _say(f"supervisord config: {conf}")
+    proc = subprocess.Popen([str(supervisord), "-n", "-c", str(conf)])
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        _say("stopping (waiting for streams to finish and every model to stop)")
+        proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    host = cfg.server.bind[0]
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.server.port}"
+    _say(f"OpenAI API: {base}/v1  health: {base}/health  "
+         f"supervisorctl -c {conf} status")
+    seen: dict[str, str] = {}
+    announced = False
+    while proc.poll() is None:
+        doc = _health(base + "/health")
+        models = doc.get("models") if doc else None
+        if isinstance(models, dict):
+            for name, info in models.items():
+                state = info.get("state") if isinstance(info, dict) else None
+                if isinstance(state, str) and seen.get(name) != state:
+                    seen[name] = state
+                    _say(f"model {name}: {state}")
+            if doc and doc.get("status") == "ok" and not announced:
+                announced = True
+                _say(f"ready: every model serves at {base}/v1 (Ctrl-C stops everything)")
+            elif doc and doc.get("status") != "ok":
+                announced = False
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)
+    _say(f"supervisord exited with status {proc.returncode}")
+    return 0 if proc.returncode in (0, -signal.SIGTERM) else 1

@@ -1,0 +1,108 @@
+"""Shared helpers: free ports, config files, and a real gunicorn proxy process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def render_toml(doc: Mapping[str, Any]) -> str:
+    out: list[str] = []
+    for section, values in doc.items():
+        if section == "models":
+            for m in values:
+                out.append("[[models]]")
+                out += [f"{k} = {_toml_value(v)}" for k, v in m.items()]
+        else:
+            out.append(f"[{section}]")
+            out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_config(path: Path, doc: Mapping[str, Any]) -> Path:
+    path.write_text(render_toml(doc))
+    return path
+
+
+def stub_config(tmp: Path, chat_port: int, embed_port: int, **server: Any) -> dict[str, Any]:
+    """A config whose models are stub servers; files are not checked by the proxy (check_files=False)."""
+    return {
+        "server": {"bind": ["127.0.0.1"], "port": free_port(), "workers": 2, **server},
+        "metrics": {"port": free_port()},
+        "llama_server": {"binary": str(tmp / "bin/llama-server"), "allowed_binary_prefixes": [str(tmp / "bin")],
+                         "models_dir": str(tmp / "models")},
+        "supervision": {"runtime_dir": str(tmp / "run")},
+        "models": [
+            {"name": "chat-a", "aliases": ["gpt-4o-mini"], "file": "a.gguf", "kind": "chat", "port": chat_port},
+            {"name": "embed-a", "file": "a.gguf", "kind": "embed", "port": embed_port},
+        ],
+    }
+
+
+class Proxy:
+    """gunicorn with the appliance's uvicorn workers, exactly as supervisord runs it."""
+
+    def __init__(self, config_path: Path, port: int) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = config_path.with_suffix(".log")
+
+    def start(self, wait_ready: bool = True) -> Proxy:
+        env = {**os.environ, "APPLIANCE_CONFIG": str(self.config_path)}
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "python:appliance.gunicorn_conf"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited: {self.log.read_text()}")
+            try:
+                r = httpx.get(self.url + "/health", timeout=1)
+                if not wait_ready or r.status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"proxy did not become ready: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

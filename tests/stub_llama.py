@@ -1,0 +1,111 @@
+"""A small real HTTP server that behaves like llama-server where the tests need control over it.
+
+It runs aiohttp in a background thread. What it does with a request is chosen by a ``"stub"`` field in the JSON
+body (the proxy forwards unknown fields verbatim, which is itself under test):
+
+- absent: answer ``FIXED_RESPONSE`` bytes as JSON;
+- ``"stream"``: ``n`` SSE events ``delay`` seconds apart, then ``data: [DONE]``;
+- ``"stall"``: wait ``delay`` seconds before sending headers;
+- ``"die"``: stream two events, then drop the connection without finishing the chunked body;
+- ``"forever"``: one event every 0.05 s for up to 60 s (to watch the proxy close the upstream).
+
+Every request is recorded (path, headers, raw body) and so is the moment each one's connection closed early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+FIXED_RESPONSE = b'{"id":"stub-1",  "object":"chat.completion","choices":[{"message":{"content":"h\\u00e9llo"}}]}'
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    closed_early_at: float | None = None
+    events_sent: int = 0
+
+
+@dataclass
+class StubLlama:
+    port: int
+    health_status: int = 200
+    received: list[Received] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            app = web.Application(client_max_size=1024**3)
+            app.router.add_get("/health", self._health)
+            app.router.add_post("/{tail:.*}", self._handle)
+            self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+            self._loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+            self._loop.run_until_complete(site.start())
+            ready.set()
+            self._loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        if not ready.wait(10):
+            raise RuntimeError("stub llama-server did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if self.health_status == 503:
+            return web.json_response({"error": {"code": 503, "message": "Loading model"}}, status=503)
+        return web.json_response({"status": "ok"}, status=self.health_status)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        rec = Received(request.path, dict(request.headers), body)
+        self.received.append(rec)
+        try:
+            doc: dict[str, Any] = json.loads(body)
+        except ValueError:
+            doc = {}
+        mode = doc.get("stub")
+        try:
+            if mode == "stall":
+                await asyncio.sleep(float(doc.get("delay", 30)))
+            if mode in ("stream", "die", "forever"):
+                return await self._stream(request, rec, mode, int(doc.get("n", 5)), float(doc.get("delay", 0.05)))
+            return web.Response(body=FIXED_RESPONSE, content_type="application/json")
+        except (asyncio.CancelledError, ConnectionResetError):
+            rec.closed_early_at = time.monotonic()
+            raise
+
+    async def _stream(self, request: web.Request, rec: Received, mode: str, n: int, delay: float
+                      ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        count = 1200 if mode == "forever" else n
+        for i in range(count):
+            event = {"choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]}
+            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            rec.events_sent += 1
+            if mode == "die" and i == 1:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            await asyncio.sleep(delay)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
