@@ -7,6 +7,7 @@ body (the proxy forwards unknown fields verbatim, which is itself under test):
 - ``"stream"``: ``n`` SSE events ``delay`` seconds apart, then ``data: [DONE]``;
 - ``"stall"``: wait ``delay`` seconds before sending headers;
 - ``"die"``: stream two events, then drop the connection without finishing the chunked body;
+- ``"reset"``: drop the connection without answering;
 - ``"forever"``: one event every 0.05 s for up to 60 s (to watch the proxy close the upstream).
 
 Every request is recorded (path, headers, raw body) and so is the moment each one's connection closed early.
@@ -23,7 +24,11 @@ from typing import Any
 
 from aiohttp import web
 
-FIXED_RESPONSE = b'{"id":"stub-1",  "object":"chat.completion","choices":[{"message":{"content":"h\\u00e9llo"}}]}'
+FIXED_RESPONSE = (b'{"id":"stub-1",  "object":"chat.completion","created":1,"model":"stub","choices":[{"index":0,'
+                  b'"finish_reason":"stop","message":{"role":"assistant","content":"h\\u00e9llo"}}],'
+                  b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}')
+EMBEDDING_RESPONSE = (b'{"object":"list","model":"stub","data":[{"object":"embedding","index":0,'
+                      b'"embedding":[0.25,-0.5,1.0]}],"usage":{"prompt_tokens":1,"total_tokens":1}}')
 
 
 @dataclass
@@ -83,11 +88,17 @@ class StubLlama:
             doc = {}
         mode = doc.get("stub")
         try:
+            if mode == "reset":
+                assert request.transport is not None
+                request.transport.abort()
+                return web.Response()
+            if request.path == "/v1/embeddings":
+                return web.Response(body=EMBEDDING_RESPONSE, headers={"Content-Type": "application/json"})
             if mode == "stall":
                 await asyncio.sleep(float(doc.get("delay", 30)))
             if mode in ("stream", "die", "forever"):
                 return await self._stream(request, rec, mode, int(doc.get("n", 5)), float(doc.get("delay", 0.05)))
-            return web.Response(body=FIXED_RESPONSE, content_type="application/json")
+            return web.Response(body=FIXED_RESPONSE, headers={"Content-Type": "application/json; charset=utf-8"})
         except (asyncio.CancelledError, ConnectionResetError):
             rec.closed_early_at = time.monotonic()
             raise
@@ -98,7 +109,8 @@ class StubLlama:
         await resp.prepare(request)
         count = 1200 if mode == "forever" else n
         for i in range(count):
-            event = {"choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]}
+            event = {"id": "stub-s", "object": "chat.completion.chunk", "created": 1, "model": "stub",
+                     "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
             await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             rec.events_sent += 1
             if mode == "die" and i == 1:

@@ -31,8 +31,10 @@ class ModelState:
     since: float = 0.0
     restarts: int = 0
     pid: int = 0
+    ever_ready: bool = False
 
     def set(self, state: str) -> None:
+        self.ever_ready |= state == READY
         if state != self.state:
             self.state = state
             self.since = time.time()
@@ -93,12 +95,9 @@ class Readiness:
                 st.set(FAILED)
             elif statename in ("STOPPED", "STOPPING", "EXITED"):
                 st.set(STOPPED)
-            elif status == 503 and st.state != RESTARTING:
-                st.set(LOADING)
-            elif st.state in (READY, RESTARTING) or st.restarts:
-                st.set(RESTARTING)
             else:
-                st.set(LOADING)
+                # Not answering, or answering 503 while it loads: a model that was ready before is restarting.
+                st.set(RESTARTING if st.ever_ready or st.restarts else LOADING)
 
     async def _loop(self) -> None:
         while True:

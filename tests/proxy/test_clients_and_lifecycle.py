@@ -1,0 +1,147 @@
+"""API keys, the official openai SDK, unreachable children and graceful draining, against real gunicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import Proxy, free_port, stub_config, write_config
+from tests.stub_llama import StubLlama
+
+
+@pytest.fixture(scope="module")
+def keyed_proxy(stubs: tuple[StubLlama, StubLlama], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    tmp: Path = tmp_path_factory.mktemp("keyed")
+    keys = tmp / "keys"
+    keys.write_text("# operators' keys\nsk-first\n\nsk-second\n")
+    doc = stub_config(tmp, stubs[0].port, stubs[1].port, api_keys_file=str(keys))
+    p = Proxy(write_config(tmp / "appliance.toml", doc), doc["server"]["port"]).start()
+    yield p
+    p.stop()
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Bearer sk-firs", "Basic sk-first", "Bearer", "sk-first"])
+def test_missing_or_wrong_key_gives_401(keyed_proxy: Proxy, auth: str | None) -> None:
+    headers = {"Authorization": auth} if auth is not None else {}
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/v1/embeddings")):
+        r = httpx.request(method, keyed_proxy.url + path, content=b"{}", headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["x-request-id"]
+
+
+def test_any_configured_key_is_accepted_and_not_forwarded(keyed_proxy: Proxy, chat_stub: StubLlama) -> None:
+    for key in ("sk-first", "sk-second"):
+        r = httpx.post(keyed_proxy.url + "/v1/chat/completions", content=b"{}",
+                       headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+        assert "authorization" not in {k.lower() for k in chat_stub.received[-1].headers}
+
+
+def test_health_and_livez_need_no_key(keyed_proxy: Proxy) -> None:
+    assert httpx.get(keyed_proxy.url + "/health").status_code == 200
+    assert httpx.get(keyed_proxy.url + "/livez").status_code == 200
+
+
+def test_openai_sdk_sync(keyed_proxy: Proxy, chat_stub: StubLlama) -> None:
+    client = openai.OpenAI(base_url=keyed_proxy.url + "/v1", api_key="sk-second", max_retries=0)
+    out = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert out.choices[0].message.content == "h\u00e9llo"
+    assert out.usage is not None and out.usage.total_tokens == 5
+    stream = client.chat.completions.create(model="chat-a", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True, extra_body={"stub": "stream", "n": 3, "delay": 0.01})
+    text = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert text == "tok0 tok1 tok2 "
+    emb = client.embeddings.create(model="embed-a", input="hi")
+    assert emb.data[0].embedding == [0.25, -0.5, 1.0]
+    assert [m.id for m in client.models.list()] == ["chat-a", "embed-a"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed_proxy.url + "/v1", api_key="nope", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_openai_sdk_async(keyed_proxy: Proxy) -> None:
+    async def run() -> tuple[str, str]:
+        client = openai.AsyncOpenAI(base_url=keyed_proxy.url + "/v1", api_key="sk-first", max_retries=0)
+        out = await client.chat.completions.create(model="chat-a", messages=[{"role": "user", "content": "hi"}])
+        stream = await client.chat.completions.create(
+            model="chat-a", messages=[{"role": "user", "content": "hi"}], stream=True,
+            extra_body={"stub": "stream", "n": 2, "delay": 0.01})
+        parts = [c.choices[0].delta.content or "" async for c in stream]
+        await client.close()
+        return out.choices[0].message.content or "", "".join(parts)
+
+    assert asyncio.run(run()) == ("h\u00e9llo", "tok0 tok1 ")
+
+
+def test_connection_reset_gives_502(proxy: Proxy, chat_stub: StubLlama) -> None:
+    r = httpx.post(proxy.url + "/v1/chat/completions", content=b'{"stub":"reset"}')
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_unreachable"
+
+
+def test_dead_child_gives_502_then_503_and_other_model_still_serves(tmp_path: Path) -> None:
+    chat, embed = StubLlama(free_port()), StubLlama(free_port())
+    chat.start()
+    embed.start()
+    # One worker: a second one could still be booting and would never have seen the model ready.
+    doc = stub_config(tmp_path, chat.port, embed.port, workers=1)
+    p = Proxy(write_config(tmp_path / "appliance.toml", doc), doc["server"]["port"]).start()
+    try:
+        chat.stop()
+        statuses = [httpx.post(p.url + "/v1/chat/completions", content=b"{}").status_code for _ in range(6)]
+        assert set(statuses) <= {502, 503}, statuses
+        time.sleep(1.5)  # one readiness poll in every worker
+        r = httpx.post(p.url + "/v1/chat/completions", content=b"{}")
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert httpx.post(p.url + "/v1/embeddings", content=b'{"input":"x"}').status_code == 200
+        h = httpx.get(p.url + "/health")
+        assert h.status_code == 503
+        assert h.json()["models"]["chat-a"]["state"] == "restarting"
+    finally:
+        p.stop()
+        embed.stop()
+
+
+def test_sigterm_drains_streams_and_reports_draining(tmp_path: Path) -> None:
+    chat, embed = StubLlama(free_port()), StubLlama(free_port())
+    chat.start()
+    embed.start()
+    doc = stub_config(tmp_path, chat.port, embed.port, workers=1, graceful_timeout_s=20)
+    p = Proxy(write_config(tmp_path / "appliance.toml", doc), doc["server"]["port"]).start()
+    assert p.proc is not None
+    received: list[bytes] = []
+
+    def consume() -> None:
+        body = json.dumps({"stub": "stream", "n": 10, "delay": 0.25}).encode()
+        with httpx.stream("POST", p.url + "/v1/chat/completions", content=body, timeout=30) as r:
+            received.extend(r.iter_raw())
+
+    t = threading.Thread(target=consume)
+    t.start()
+    try:
+        while not received:
+            time.sleep(0.02)
+        p.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        h = httpx.get(p.url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "draining"
+        r = httpx.post(p.url + "/v1/chat/completions", content=b"{}")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+        t.join(20)
+        assert b"".join(received).endswith(b"data: [DONE]\n\n")
+        assert p.proc.wait(15) == 0
+    finally:
+        p.stop()
+        chat.stop()
+        embed.stop()
