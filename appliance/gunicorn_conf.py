@@ -1,16 +1,22 @@
 """gunicorn settings for the proxy, derived from the appliance config named by $APPLIANCE_CONFIG.
 
-Checked with ``gunicorn --check-config -c python:appliance.gunicorn_conf``.
+Checked with ``gunicorn --check-config -c python:appliance.gunicorn_conf``. This module is loaded by the arbiter
+before any worker imports the app, which makes it the place to point prometheus-client at its multiprocess directory.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
+from typing import Any
 
 from appliance.config import load
+from appliance.metrics import MULTIPROC_ENV, multiproc_dir
 
 _cfg = load(os.environ["APPLIANCE_CONFIG"], check_files=False)
+# Must be set before prometheus_client is first imported (it reads the variable at import time).
+os.environ[MULTIPROC_ENV] = str(multiproc_dir(_cfg))
 
 
 def _bind(addr: str, port: int) -> str:
@@ -29,3 +35,17 @@ proc_name = "appliance-proxy"
 accesslog = None
 errorlog = "-"
 loglevel = "info"
+
+
+def on_starting(server: Any) -> None:
+    """Stale files from a previous run would be summed into this run's metrics: start empty."""
+    path = multiproc_dir(_cfg)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges (in-flight); its counters stay so that totals never go backwards."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -3,6 +3,7 @@
 from appliance.config.load import DEFAULT_PATH, ConfigError, check_bind_address, load, parse, read_api_keys
 from appliance.config.model import (
     ApplianceConfig,
+    EventsConfig,
     LlamaServerConfig,
     MetricsConfig,
     ModelConfig,
@@ -14,6 +15,7 @@ __all__ = [
     "DEFAULT_PATH",
     "ApplianceConfig",
     "ConfigError",
+    "EventsConfig",
     "LlamaServerConfig",
     "MetricsConfig",
     "ModelConfig",

@@ -17,6 +17,7 @@ from appliance.config.args import check_extra_args
 from appliance.config.model import (
     BODY_LIMIT_MAX,
     ApplianceConfig,
+    EventsConfig,
     LlamaServerConfig,
     MetricsConfig,
     ModelConfig,
@@ -245,6 +246,25 @@ def _check_supervision(s: SupervisionConfig, problems: _Problems) -> None:
         problems.add("supervision.backoff_max_s", "backoff_initial_s must be > 0 and backoff_max_s >= it")
 
 
+def _check_events(e: EventsConfig, base: Path, problems: _Problems) -> None:
+    for key in ("max_bytes", "batch_size", "queue_size"):
+        if getattr(e, key) < 1:
+            problems.add(f"events.{key}", "must be at least 1")
+    if e.backups < 0:
+        problems.add("events.backups", "must be 0 or more")
+    if e.flush_interval_s <= 0:
+        problems.add("events.flush_interval_s", "must be greater than 0")
+    if e.url and not e.url.startswith(("http://", "https://")):
+        problems.add("events.url", f"{e.url!r} must start with http:// or https://")
+    if e.token_file:
+        token = _resolve(base, e.token_file)
+        try:
+            if not token.read_text(encoding="utf-8").strip():
+                problems.add("events.token_file", f"{token} is empty")
+        except OSError as err:
+            problems.add("events.token_file", f"cannot read {token}: {err.strerror}")
+
+
 def parse(data: Mapping[str, Any], base: Path, source: Path | None = None, check_files: bool = True) -> ApplianceConfig:
     """Validate a parsed TOML document. Relative paths are taken from ``base`` (the config file's directory)."""
     problems = _Problems()
@@ -253,6 +273,7 @@ def parse(data: Mapping[str, Any], base: Path, source: Path | None = None, check
         "metrics": (MetricsConfig, MetricsConfig),
         "llama_server": (LlamaServerConfig, LlamaServerConfig),
         "supervision": (SupervisionConfig, SupervisionConfig),
+        "events": (EventsConfig, EventsConfig),
     }
     for key in data:
         if key not in (*sections, "models"):
@@ -275,6 +296,7 @@ def parse(data: Mapping[str, Any], base: Path, source: Path | None = None, check
         _check_ports(cfg, problems)
     _check_server(cfg.server, base, problems)
     _check_supervision(cfg.supervision, problems)
+    _check_events(cfg.events, base, problems)
     if check_files:
         _check_paths(cfg, base, problems)
     if problems.items:
@@ -298,6 +320,8 @@ def _absolutize(cfg: ApplianceConfig, base: Path) -> ApplianceConfig:
             models_dir=str(models_dir),
         ),
         supervision=replace(cfg.supervision, runtime_dir=str(_resolve(base, cfg.supervision.runtime_dir))),
+        events=replace(cfg.events, file=str(_resolve(base, cfg.events.file)) if cfg.events.file else "",
+                       token_file=str(_resolve(base, cfg.events.token_file)) if cfg.events.token_file else ""),
         models=tuple(
             replace(m, file=str(_resolve(models_dir, m.file)), mmproj=str(_resolve(models_dir, m.mmproj)) if m.mmproj
                     else "")

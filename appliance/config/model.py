@@ -57,6 +57,25 @@ class SupervisionConfig:
 
 
 @dataclass(frozen=True)
+class EventsConfig:
+    """The event log (SPEC §5): a local JSONL file, and optionally batched POSTs to a collector."""
+
+    #: JSONL file; empty means <supervision.runtime_dir>/events.jsonl.
+    file: str = ""
+    #: Size at which the file is rotated to .1, .2, ... (keeping ``backups`` old files).
+    max_bytes: int = 50 * MiB
+    backups: int = 5
+    #: Collector URL (http or https); empty disables posting.
+    url: str = ""
+    #: File holding the collector's bearer token.
+    token_file: str = ""
+    batch_size: int = 100
+    flush_interval_s: float = 1.0
+    #: Events waiting per process; beyond this they are dropped and counted, never waited for.
+    queue_size: int = 10000
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     file: str
@@ -79,7 +98,12 @@ class ApplianceConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     llama_server: LlamaServerConfig = field(default_factory=LlamaServerConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     source: Path | None = None
+
+    @property
+    def events_file(self) -> Path:
+        return Path(self.events.file or Path(self.supervision.runtime_dir) / "events.jsonl")
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:

@@ -1,7 +1,8 @@
-"""supervisord event listener: turns PROCESS_STATE events into lifecycle events in the JSONL event log.
+"""supervisord event listener: PROCESS_STATE events become lifecycle events, and feed the restart counters.
 
 supervisord speaks a line protocol with its listeners over stdin/stdout, so nothing but protocol may be written to
-stdout here; diagnostics go to stderr.
+stdout here; diagnostics go to stderr. Exit codes are read over XML-RPC (the event does not carry them), and
+"ready" is learned by polling the restarted llama-server's /health in a thread, since supervisord cannot see it.
 """
 
 from __future__ import annotations
@@ -9,17 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+import xmlrpc.client
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from supervisor import childutils
 
-from appliance.config import load
+from appliance.config import ApplianceConfig, ModelConfig, load
+from appliance.events.sink import append_jsonl
+from appliance.metrics import restarts_file
 from appliance.runtime.names import program_name
 
-# supervisord state -> lifecycle event type (SPEC §5). EXITED during RUNNING is a crash; the listener cannot see exit
-# codes, supervisord's log has them.
 _TYPES = {
     "PROCESS_STATE_STARTING": "started",
     "PROCESS_STATE_RUNNING": "running",
@@ -31,15 +36,15 @@ _TYPES = {
 }
 
 
-def lifecycle_event(eventname: str, fields: dict[str, str], models: dict[str, str], now: float) -> dict[str, object]:
+def lifecycle_event(eventname: str, fields: dict[str, str], models: dict[str, str], now: float) -> dict[str, Any]:
     kind = _TYPES.get(eventname, eventname.lower())
     if kind == "started" and fields.get("from_state") in ("BACKOFF", "EXITED"):
         kind = "restarted"
     if kind == "crashed" and fields.get("expected") == "1":
         kind = "exited"
     name = fields.get("processname", "")
-    event: dict[str, object] = {"ts": round(now, 3), "event": "lifecycle", "type": kind, "program": name,
-                                "from_state": fields.get("from_state")}
+    event: dict[str, Any] = {"ts": round(now, 3), "event": "lifecycle", "type": kind, "program": name,
+                             "from_state": fields.get("from_state")}
     if name in models:
         event["model"] = models[name]
     if "pid" in fields:
@@ -47,24 +52,91 @@ def lifecycle_event(eventname: str, fields: dict[str, str], models: dict[str, st
     return event
 
 
-def run(events_path: Path, models: dict[str, str], stdin: TextIO, stdout: TextIO) -> None:
-    events_path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        headers, payload = childutils.listener.wait(stdin, stdout)
-        fields, _ = childutils.eventdata(payload + "\n")
-        event = lifecycle_event(headers["eventname"], fields, models, time.time())
-        with events_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
-        childutils.listener.ok(stdout)
+class Listener:
+    def __init__(self, cfg: ApplianceConfig) -> None:
+        self.cfg = cfg
+        self.models: dict[str, ModelConfig] = {program_name(m): m for m in cfg.models}
+        self.restarts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        # Bumped at every state change of a model: a readiness watcher from an older start gives up.
+        self._generation: dict[str, int] = {}
+        self._socket = Path(cfg.supervision.runtime_dir) / "supervisor.sock"
+
+    def write(self, event: dict[str, Any]) -> None:
+        ev = self.cfg.events
+        with self._lock:
+            append_jsonl(self.cfg.events_file, [event], ev.max_bytes, ev.backups)
+
+    def _exit_status(self, program: str) -> int | None:
+        from supervisor.xmlrpc import SupervisorTransport
+
+        transport = SupervisorTransport(None, None, serverurl=f"unix://{self._socket}")
+        server = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        try:
+            info: dict[str, Any] = server.supervisor.getProcessInfo(program)  # type: ignore[assignment]
+        except (OSError, xmlrpc.client.Error):
+            return None
+        return int(info["exitstatus"])
+
+    def _count_restart(self, program: str) -> None:
+        self.restarts[program] = self.restarts.get(program, 0) + 1
+        path = restarts_file(self.cfg)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.restarts))
+        tmp.replace(path)
+
+    def _watch_ready(self, program: str, generation: int) -> None:
+        """Poll the child's /health until it answers 200 (ready) or its state changes again."""
+        model = self.models[program]
+        url = f"http://127.0.0.1:{model.port}/health"
+        started = time.monotonic()
+        while time.monotonic() - started < 600:
+            if self._generation.get(program) != generation:
+                return
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        self.write({"ts": round(time.time(), 3), "event": "lifecycle", "type": "ready",
+                                    "program": program, "model": model.name,
+                                    "load_s": round(time.monotonic() - started, 3)})
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+
+    def handle(self, eventname: str, fields: dict[str, str]) -> None:
+        names = {p: m.name for p, m in self.models.items()}
+        event = lifecycle_event(eventname, fields, names, time.time())
+        program = event["program"]
+        if event["type"] == "crashed":
+            status = self._exit_status(program)
+            if status is not None:
+                event["exit_status"] = status
+        if event["type"] == "restarted":
+            self._count_restart(program)
+        self.write(event)
+        if program in self.models and event["type"] != "running":
+            generation = self._generation.get(program, 0) + 1
+            self._generation[program] = generation
+            if event["type"] in ("started", "restarted"):
+                threading.Thread(target=self._watch_ready, args=(program, generation), daemon=True).start()
+
+    def run(self, stdin: TextIO, stdout: TextIO) -> None:
+        while True:
+            headers, payload = childutils.listener.wait(stdin, stdout)
+            fields, _ = childutils.eventdata(payload + "\n")
+            try:
+                self.handle(headers["eventname"], fields)
+            except OSError as e:  # a full disk must not stop supervisord's event flow
+                print(f"events: cannot record {headers['eventname']}: {e}", file=sys.stderr, flush=True)
+            childutils.listener.ok(stdout)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="supervisord event listener (run by supervisord)")
     parser.add_argument("--config", required=True)
     args = parser.parse_args()
-    cfg = load(args.config, check_files=False)
-    models = {program_name(m): m.name for m in cfg.models}
-    run(Path(cfg.supervision.runtime_dir) / "events.jsonl", models, sys.stdin, sys.stdout)
+    Listener(load(args.config, check_files=False)).run(sys.stdin, sys.stdout)
 
 
 if __name__ == "__main__":

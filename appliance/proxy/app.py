@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import falcon
 import falcon.asgi
 
 from appliance.config import ApplianceConfig, ModelConfig, load, read_api_keys
+from appliance.events.sink import EventSink
+from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import (
     ApiError,
     handle_api_error,
@@ -34,7 +37,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
-OPEN_PATHS = frozenset({"/health", "/livez"})
+OPEN_PATHS = frozenset({"/health", "/livez"})  # no key needed; probes, so no event either
 # Request headers that reach llama-server; everything else (Authorization first of all) stays here.
 UPSTREAM_HEADERS = ("content-type", "accept")
 # Response headers passed back to the client besides the body.
@@ -50,6 +53,7 @@ class Runtime:
         self.cfg = cfg
         self.upstream = Upstream()
         self.readiness = Readiness(cfg, self.upstream)
+        self.events = EventSink(cfg.events, cfg.events_file)
         self.keys: tuple[bytes, ...] = ()
         if cfg.server.api_keys_file:
             self.keys = tuple(k.encode() for k in read_api_keys(Path(cfg.server.api_keys_file)))
@@ -72,6 +76,72 @@ class Runtime:
         return ok
 
 
+USAGE_BODY_LIMIT = 1 << 20
+STREAM_TAIL = 8192
+
+
+@dataclass
+class Exchange:
+    """What one request did, for its metrics and its event. Never holds prompt or completion text past the request."""
+
+    request_id: str
+    t0: float
+    route: str = "other"
+    model: str = ""
+    status: int = 0
+    headers_s: float = 0.0
+    stream: bool = False
+    relayed: bool = False
+    bytes_out: int = 0
+    events: int = 0
+    first_event_s: float | None = None
+    kept: bytes = b""  # the JSON body (bounded) or the stream's tail, only to read "usage" at the end
+
+    def keep(self, chunk: bytes) -> None:
+        if self.stream:
+            self.kept = (self.kept + chunk)[-STREAM_TAIL:]
+        elif len(self.kept) < USAGE_BODY_LIMIT:
+            self.kept += chunk
+
+    def usage(self) -> dict[str, Any] | None:
+        docs: list[bytes] = []
+        if self.stream:
+            docs = [e.removeprefix(b"data: ") for e in reversed(self.kept.split(b"\n\n")) if b'"usage"' in e]
+        elif b'"usage"' in self.kept:
+            docs = [self.kept]
+        for raw in docs:
+            try:
+                usage = json.loads(raw).get("usage")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(usage, dict):
+                return {k: v for k, v in usage.items() if k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        return None
+
+
+def finish(rt: Runtime, ex: Exchange) -> None:
+    """Record the metrics that need the whole response, and emit the request's event."""
+    total = time.perf_counter() - ex.t0
+    metrics.DURATION_SECONDS.labels(ex.route, ex.model).observe(total)
+    metrics.RESPONSE_BYTES.labels(ex.route, ex.model).inc(ex.bytes_out)
+    if ex.stream:
+        metrics.STREAM_EVENTS.labels(ex.model).observe(ex.events)
+        if ex.first_event_s is not None:
+            metrics.FIRST_TOKEN_SECONDS.labels(ex.model).observe(ex.first_event_s)
+    event: dict[str, Any] = {
+        "ts": round(time.time(), 3), "event": "request", "request_id": ex.request_id, "route": ex.route,
+        "model": ex.model or None, "status": ex.status, "stream": ex.stream,
+        "headers_ms": round(ex.headers_s * 1000, 3), "total_ms": round(total * 1000, 3),
+    }
+    if ex.first_event_s is not None:
+        event["first_token_ms"] = round(ex.first_event_s * 1000, 3)
+    usage = ex.usage() if ex.relayed else None
+    if usage:
+        event["usage"] = usage
+    if ex.route not in OPEN_PATHS:
+        rt.events.emit(event)
+
+
 async def _wait_disconnect(receive: Receive) -> None:
     while True:
         message = await receive()
@@ -79,7 +149,7 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
-async def _relay(rt: Runtime, up: UpstreamResponse, disconnect: asyncio.Future[None], sse: bool
+async def _relay(rt: Runtime, up: UpstreamResponse, disconnect: asyncio.Future[None], ex: Exchange
                  ) -> AsyncIterator[bytes]:
     """Pass chunks through as they arrive, racing every read against the client's disconnect.
 
@@ -102,14 +172,23 @@ async def _relay(rt: Runtime, up: UpstreamResponse, disconnect: asyncio.Future[N
                 return
             except UpstreamError as e:
                 up.close()
-                if sse:
+                metrics.UPSTREAM_ERRORS.labels(ex.model, "mid-stream").inc()
+                if ex.stream:
                     yield sse_error_event(f"llama-server failed mid-stream: {e}", "upstream_error")
                     return
                 raise
+            if ex.stream:
+                if ex.first_event_s is None:
+                    ex.first_event_s = time.perf_counter() - ex.t0
+                ex.events += chunk.count(b"data: ")
+            ex.bytes_out += len(chunk)
+            ex.keep(chunk)
             yield chunk
     finally:
         disconnect.cancel()
         rt.in_flight -= 1
+        metrics.IN_FLIGHT.labels(ex.model).dec()
+        finish(rt, ex)
 
 
 class Forward:
@@ -164,6 +243,9 @@ class Forward:
             raise ApiError(503, "this server is shutting down; retry (another host)", "draining", {"Retry-After": "1"})
         body = await self._read_body(req)
         model = self._route(body)
+        ex: Exchange = req.context.exchange
+        ex.model = model.name
+        metrics.REQUEST_BYTES.labels(ex.route, model.name).inc(len(body))
         if not rt.readiness.is_ready(model):
             state = rt.readiness.models[model.name].state
             raise ApiError(503, f"model {model.name!r} is not ready ({state}); retry shortly", "model_not_ready",
@@ -172,6 +254,7 @@ class Forward:
         headers["x-request-id"] = req.context.request_id
         disconnect = asyncio.ensure_future(_wait_disconnect(req.scope[_RECEIVE_KEY]))
         rt.in_flight += 1
+        metrics.IN_FLIGHT.labels(model.name).inc()
         handed_over = False
         try:
             up = await self._send(model, body, headers, disconnect)
@@ -179,13 +262,15 @@ class Forward:
             for h in DOWNSTREAM_HEADERS:
                 if (v := up.headers.get(h)) is not None:
                     resp.set_header(h, v)
-            sse = up.headers.get("content-type", "").startswith("text/event-stream")
-            resp.stream = _relay(rt, up, disconnect, sse)
+            ex.stream = up.headers.get("content-type", "").startswith("text/event-stream")
+            ex.relayed = True
+            resp.stream = _relay(rt, up, disconnect, ex)
             handed_over = True
         finally:
             if not handed_over:
                 disconnect.cancel()
                 rt.in_flight -= 1
+                metrics.IN_FLIGHT.labels(model.name).dec()
 
     async def _send(self, model: ModelConfig, body: bytes, headers: dict[str, str], disconnect: asyncio.Future[None]
                     ) -> UpstreamResponse:
@@ -199,11 +284,13 @@ class Forward:
                 await sending
             if disconnect.done():
                 raise ApiError(499, "client closed the request", "client_closed")
+            metrics.UPSTREAM_ERRORS.labels(model.name, "timeout").inc()
             raise ApiError(504, f"model {model.name!r} sent no response headers within {timeout:g} s "
                            "(server.request_timeout_s)", "upstream_timeout")
         try:
             return sending.result()
         except UpstreamError as e:
+            metrics.UPSTREAM_ERRORS.labels(model.name, e.kind).inc()
             if e.kind == "refused":
                 self.rt.readiness.mark_refused(model)
             raise ApiError(502, f"model {model.name!r} is unreachable: {e}", "upstream_unreachable") from e
@@ -259,15 +346,18 @@ class Middleware:
 
     async def process_startup(self, scope: Scope, event: Any) -> None:
         await self.rt.upstream.start()
+        await self.rt.events.start()
         await self.rt.readiness.start()
 
     async def process_shutdown(self, scope: Scope, event: Any) -> None:
         await self.rt.readiness.stop()
+        await self.rt.events.stop()
         await self.rt.upstream.close()
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         incoming = req.get_header("x-request-id")
         req.context.request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        req.context.exchange = Exchange(req.context.request_id, time.perf_counter())
         if self.rt.keys and req.path not in OPEN_PATHS:
             auth = req.get_header("authorization") or ""
             scheme, _, token = auth.partition(" ")
@@ -275,9 +365,21 @@ class Middleware:
                 raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
+                               params: dict[str, Any]) -> None:
+        req.context.exchange.route = req.uri_template
+
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
                                req_succeeded: bool) -> None:
         resp.set_header("X-Request-Id", req.context.request_id)
+        ex: Exchange = req.context.exchange
+        ex.status = int(resp.status_code)
+        ex.headers_s = time.perf_counter() - ex.t0
+        metrics.REQUESTS.labels(ex.route, ex.model, str(ex.status)).inc()
+        metrics.HEADERS_SECONDS.labels(ex.route, ex.model).observe(ex.headers_s)
+        if not ex.relayed:
+            ex.bytes_out = len(resp.data or b"")
+            finish(self.rt, ex)
 
 
 class ProxyApp:

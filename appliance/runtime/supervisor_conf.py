@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
-from appliance.runtime.names import EVENTS_PROGRAM, PROXY_PROGRAM, program_name
+from appliance.metrics import MULTIPROC_ENV, multiproc_dir
+from appliance.runtime.names import EVENTS_PROGRAM, EXPORTER_PROGRAM, PROXY_PROGRAM, program_name
 
 
 def runtime_paths(cfg: ApplianceConfig) -> dict[str, Path]:
@@ -73,7 +74,7 @@ priority=100
     stopwait = int(cfg.server.graceful_timeout_s) + 15
     parts.append(f"""[program:{PROXY_PROGRAM}]
 command={py} -m gunicorn -c python:appliance.gunicorn_conf
-environment=APPLIANCE_CONFIG="{config}"
+environment=APPLIANCE_CONFIG="{config}",{MULTIPROC_ENV}="{multiproc_dir(cfg)}"
 autostart=true
 autorestart=true
 startsecs=2
@@ -83,6 +84,16 @@ stopasgroup=true
 killasgroup=true
 priority=200
 {_log_settings(p["logs"], PROXY_PROGRAM)}""")
+    parts.append(f"""[program:{EXPORTER_PROGRAM}]
+command={py} -m appliance.metrics.exporter --config {config}
+environment={MULTIPROC_ENV}="{multiproc_dir(cfg)}"
+autostart=true
+autorestart=true
+startsecs=1
+stopsignal=TERM
+stopwaitsecs=10
+priority=300
+{_log_settings(p["logs"], EXPORTER_PROGRAM)}""")
     parts.append(f"""[eventlistener:{EVENTS_PROGRAM}]
 command={py} -m appliance.events.listener --config {config}
 events=PROCESS_STATE

@@ -136,7 +136,8 @@ def test_supervisor_conf(cfg: ApplianceConfig) -> None:
     parser = configparser.RawConfigParser()
     parser.read_string(render(cfg))
     progs = [s for s in parser.sections() if s.startswith("program:")]
-    assert progs == ["program:model-chat", "program:model-emb", "program:model-vision", "program:proxy"]
+    assert progs == ["program:model-chat", "program:model-emb", "program:model-vision", "program:proxy",
+                     "program:exporter"]
     model = parser["program:model-chat"]
     assert " -m appliance run-model chat --config " in model["command"]
     assert model["startretries"] == "3" and model["startsecs"] == "10"

@@ -1,0 +1,144 @@
+"""Event sinks: an append-only JSONL file with size-based rotation, and batched POSTs to an HTTP collector.
+
+Emission never blocks or fails a client request: ``EventSink.emit`` only puts the event on a bounded in-memory queue
+and returns. A background task writes batches; when the queue is full or the collector keeps failing, events are
+counted as dropped (``appliance_events_dropped_total``) instead of piling up. Several processes (gunicorn workers, the
+supervisord listener) append to one file, so writes and rotation happen under an exclusive ``flock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from appliance.config import EventsConfig
+from appliance.metrics.proxy import EVENTS_DROPPED
+
+log = logging.getLogger("appliance.events")
+Event = dict[str, Any]
+
+
+def append_jsonl(path: Path, events: Iterable[Event], max_bytes: int, backups: int) -> None:
+    """Append events as JSON lines, rotating ``path`` to ``path.1`` ... ``path.<backups>`` past ``max_bytes``."""
+    data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode()
+    if not data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size and size + len(data) > max_bytes:
+            for i in range(backups - 1, 0, -1):
+                older = path.with_name(f"{path.name}.{i}")
+                if older.exists():
+                    older.replace(path.with_name(f"{path.name}.{i + 1}"))
+            if backups:
+                path.replace(path.with_name(f"{path.name}.1"))
+            else:
+                path.unlink()
+        with open(path, "ab") as f:
+            f.write(data)
+
+
+class EventSink:
+    """One per process, started inside its event loop."""
+
+    def __init__(self, cfg: EventsConfig, path: Path) -> None:
+        self._cfg = cfg
+        self._path = path
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=cfg.queue_size)
+        self._batches: asyncio.Queue[list[Event]] = asyncio.Queue(maxsize=max(1, cfg.queue_size // cfg.batch_size))
+        self._tasks: list[asyncio.Task[None]] = []
+        self._token = ""
+        if cfg.token_file:
+            self._token = Path(cfg.token_file).read_text(encoding="utf-8").strip()
+
+    def emit(self, event: Event) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            EVENTS_DROPPED.labels("queue").inc()
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._write_loop()))
+        if self._cfg.url:
+            self._tasks.append(asyncio.create_task(self._post_loop()))
+
+    async def stop(self) -> None:
+        """Flush what is queued to the file (bounded by a short wait), then stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout=2.0)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    async def _next_batch(self) -> list[Event]:
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._cfg.flush_interval_s
+        while len(batch) < self._cfg.batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+        return batch
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            try:
+                await asyncio.to_thread(append_jsonl, self._path, batch, self._cfg.max_bytes, self._cfg.backups)
+            except OSError as e:
+                log.warning("cannot write events to %s: %s", self._path, e)
+                EVENTS_DROPPED.labels("file").inc(len(batch))
+            if self._cfg.url:
+                try:
+                    self._batches.put_nowait(batch)
+                except asyncio.QueueFull:
+                    EVENTS_DROPPED.labels("http").inc(len(batch))
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _post_loop(self) -> None:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+            while True:
+                batch = await self._batches.get()
+                if not await self._post(session, batch):
+                    EVENTS_DROPPED.labels("http").inc(len(batch))
+
+    async def _post(self, session: aiohttp.ClientSession, batch: list[Event]) -> bool:
+        delay = 0.5
+        for attempt in range(3):
+            try:
+                async with session.post(self._cfg.url, json=batch) as r:
+                    if r.status < 300:
+                        return True
+                    if r.status < 500 and r.status != 429:
+                        log.warning("collector refused %d events: HTTP %d", len(batch), r.status)
+                        return False
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                log.debug("collector unreachable (attempt %d): %s", attempt + 1, e)
+            await asyncio.sleep(delay)
+            delay *= 2
+        return False

@@ -1,0 +1,19 @@
+"""Prometheus metrics: the proxy's own (multiprocess) and the loopback exporter that merges everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.config import ApplianceConfig
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiproc_dir(cfg: ApplianceConfig) -> Path:
+    """Where the gunicorn workers write their metric files and the exporter reads them."""
+    return Path(cfg.supervision.runtime_dir) / "prometheus"
+
+
+def restarts_file(cfg: ApplianceConfig) -> Path:
+    """Restart counts per program, kept by the supervisord event listener."""
+    return Path(cfg.supervision.runtime_dir) / "restarts.json"

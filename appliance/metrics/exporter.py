@@ -1,0 +1,178 @@
+"""The loopback-only Prometheus exporter: one scrape target for the whole host (SPEC §5).
+
+``GET /metrics`` merges, per scrape: the proxy's multiprocess metrics; every llama-server's own ``/metrics`` with a
+``model`` label added (fetched concurrently with a short timeout; a child that is down gives
+``appliance_model_up{model} 0`` rather than a failed scrape); and supervisord's facts per program. The bind address is
+not configurable: it is 127.0.0.1, always.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import xmlrpc.client
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from appliance.config import ApplianceConfig, load
+from appliance.metrics import MULTIPROC_ENV, multiproc_dir, restarts_file
+from appliance.runtime.names import program_name
+
+log = logging.getLogger("appliance.exporter")
+BIND = "127.0.0.1"
+CHILD_TIMEOUT_S = 2.0
+STATES = ("STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN")
+
+
+def supervisor_info(socket_path: Path) -> list[dict[str, Any]]:
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, serverurl=f"unix://{socket_path}")
+    server = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    infos: list[dict[str, Any]] = server.supervisor.getAllProcessInfo()  # type: ignore[assignment]
+    return infos
+
+
+class Exporter:
+    def __init__(self, cfg: ApplianceConfig) -> None:
+        self.cfg = cfg
+        self.session: aiohttp.ClientSession | None = None
+
+    async def _get(self, url: str) -> tuple[int, str] | None:
+        assert self.session is not None
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=CHILD_TIMEOUT_S)) as r:
+                return r.status, await r.text()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    async def scrape(self) -> bytes:
+        # prometheus_client is imported here, after main() has set its multiprocess directory.
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        models = self.cfg.models
+        child_metrics, child_health = await asyncio.gather(
+            asyncio.gather(*(self._get(f"http://127.0.0.1:{m.port}/metrics") for m in models)),
+            asyncio.gather(*(self._get(f"http://127.0.0.1:{m.port}/health") for m in models)),
+        )
+        sock = Path(self.cfg.supervision.runtime_dir) / "supervisor.sock"
+        infos: list[dict[str, Any]] = []
+        try:
+            infos = await asyncio.to_thread(supervisor_info, sock)
+        except (OSError, xmlrpc.client.Error) as e:
+            log.debug("supervisord not reachable: %s", e)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(multiproc_dir(self.cfg)))  # type: ignore[no-untyped-call]
+        registry.register(_Static(list(self._families(child_metrics, child_health, infos))))
+        return generate_latest(registry)
+
+    def _families(self, child_metrics: list[tuple[int, str] | None], child_health: list[tuple[int, str] | None],
+                  infos: list[dict[str, Any]]) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+        from prometheus_client.parser import text_string_to_metric_families
+
+        up = GaugeMetricFamily("appliance_model_up", "1 when the model's llama-server answered /metrics.",
+                               labels=["model"])
+        ready = GaugeMetricFamily("appliance_model_ready", "1 when the model's llama-server /health is 200.",
+                                  labels=["model"])
+        merged: dict[str, Metric] = {}
+        for m, got, health in zip(self.cfg.models, child_metrics, child_health, strict=True):
+            ok = got is not None and got[0] == 200
+            up.add_metric([m.name], 1.0 if ok else 0.0)
+            ready.add_metric([m.name], 1.0 if health is not None and health[0] == 200 else 0.0)
+            if not ok or got is None:
+                continue
+            try:
+                families = list(text_string_to_metric_families(got[1]))
+            except ValueError as e:
+                log.warning("unparsable /metrics from %s: %s", m.name, e)
+                continue
+            for fam in families:
+                target = merged.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+                for s in fam.samples:
+                    target.add_sample(s.name, {**s.labels, "model": m.name}, s.value, s.timestamp, s.exemplar)
+        yield up
+        yield ready
+        yield from merged.values()
+
+        restarts: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError):
+            restarts = json.loads(restarts_file(self.cfg).read_text())
+        p_up = GaugeMetricFamily("appliance_program_up", "1 when supervisord reports the program RUNNING.",
+                                 labels=["program", "model"])
+        p_state = GaugeMetricFamily("appliance_program_state", "supervisord state of each program (1 = current).",
+                                    labels=["program", "model", "state"])
+        p_start = GaugeMetricFamily("appliance_program_start_time_seconds", "Unix time the program last started.",
+                                    labels=["program", "model"])
+        p_restarts = CounterMetricFamily("appliance_program_restarts", "Restarts seen by the event listener.",
+                                         labels=["program", "model"])
+        names = {program_name(m): m.name for m in self.cfg.models}
+        for info in infos:
+            prog = str(info["name"])
+            labels = [prog, names.get(prog, "")]
+            p_up.add_metric(labels, 1.0 if info["statename"] == "RUNNING" else 0.0)
+            for state in STATES:
+                p_state.add_metric([*labels, state], 1.0 if info["statename"] == state else 0.0)
+            p_start.add_metric(labels, float(info["start"]))
+            p_restarts.add_metric(labels, float(restarts.get(prog, 0)))
+        yield from (p_up, p_state, p_start, p_restarts)
+
+
+class _Static:
+    """A collector that returns families gathered before the scrape was rendered."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Any]:
+        return self._families
+
+
+def make_app(cfg: ApplianceConfig) -> web.Application:
+    exporter = Exporter(cfg)
+
+    async def metrics(request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        t0 = time.perf_counter()
+        body = await exporter.scrape()
+        log.debug("scrape took %.3f s", time.perf_counter() - t0)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(app: web.Application) -> None:
+        exporter.session = aiohttp.ClientSession()
+
+    async def stop(app: web.Application) -> None:
+        if exporter.session is not None:
+            await exporter.session.close()
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the appliance's loopback Prometheus exporter (run by supervisord)")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args()
+    cfg = load(args.config, check_files=False)
+    os.environ[MULTIPROC_ENV] = str(multiproc_dir(cfg))
+    multiproc_dir(cfg).mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    web.run_app(make_app(cfg), host=BIND, port=cfg.metrics.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
