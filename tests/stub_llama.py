@@ -27,6 +27,14 @@ from aiohttp import web
 FIXED_RESPONSE = (b'{"id":"stub-1",  "object":"chat.completion","created":1,"model":"stub","choices":[{"index":0,'
                   b'"finish_reason":"stop","message":{"role":"assistant","content":"h\\u00e9llo"}}],'
                   b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}')
+# The shape of llama-server's --metrics output (names with a colon, counters with _total).
+STUB_METRICS = """# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 12
+# HELP llamacpp:requests_processing Number of requests processing.
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 0
+"""
 EMBEDDING_RESPONSE = (b'{"object":"list","model":"stub","data":[{"object":"embedding","index":0,'
                       b'"embedding":[0.25,-0.5,1.0]}],"usage":{"prompt_tokens":1,"total_tokens":1}}')
 
@@ -56,6 +64,7 @@ class StubLlama:
             asyncio.set_event_loop(self._loop)
             app = web.Application(client_max_size=1024**3)
             app.router.add_get("/health", self._health)
+            app.router.add_get("/metrics", self._metrics)
             app.router.add_post("/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
             self._loop.run_until_complete(self._runner.setup())
@@ -72,11 +81,15 @@ class StubLlama:
         if self._loop is not None and self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop = None  # stopping twice is a no-op
 
     async def _health(self, request: web.Request) -> web.Response:
         if self.health_status == 503:
             return web.json_response({"error": {"code": 503, "message": "Loading model"}}, status=503)
         return web.json_response({"status": "ok"}, status=self.health_status)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=STUB_METRICS, content_type="text/plain")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()

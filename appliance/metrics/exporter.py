@@ -142,12 +142,14 @@ def make_app(cfg: ApplianceConfig) -> web.Application:
     exporter = Exporter(cfg)
 
     async def metrics(request: web.Request) -> web.Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
+        # The 0.0.4 text format: every Prometheus 2.x and 3.x accepts it (generate_latest's default escaping keeps
+        # names legacy-valid); prometheus-client's CONTENT_TYPE_LATEST announces 1.0.0, which Prometheus 2 predates.
+        from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
         t0 = time.perf_counter()
         body = await exporter.scrape()
         log.debug("scrape took %.3f s", time.perf_counter() - t0)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     async def start(app: web.Application) -> None:
         exporter.session = aiohttp.ClientSession()

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Appliance, chat_model, start_appliance
-from tests.helpers import free_port
+from tests.helpers import free_port, samples, value
 
 
 def client(app: Appliance) -> openai.OpenAI:
@@ -80,9 +80,31 @@ def test_aborted_stream_frees_the_slot(appliance: Appliance) -> None:
     assert _busy_slots(appliance) == 0, "llama-server kept generating after the client left"
 
 
+def scrape(app: Appliance) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    r = httpx.get(f"http://127.0.0.1:{app.doc['metrics']['port']}/metrics", timeout=10)
+    assert r.status_code == 200
+    return samples(r.text)
+
+
+def test_one_scrape_has_proxy_model_and_supervisor_metrics(appliance: Appliance) -> None:
+    client(appliance).embeddings.create(model="gemma-3-270m-embed", input="x")
+    parsed = scrape(appliance)
+    for model in ("gemma-3-270m", "gemma-3-270m-embed"):
+        assert value(parsed, "appliance_model_up", model=model) == 1
+        assert value(parsed, "appliance_model_ready", model=model) == 1
+        assert any(n.startswith("llamacpp:") and ("model", model) in ls for n, ls in parsed)
+        assert value(parsed, "appliance_program_up", program=f"model-{model}") == 1
+    assert value(parsed, "appliance_program_up", program="proxy") == 1
+    assert value(parsed, "appliance_program_state", program="proxy", state="RUNNING") == 1
+    assert value(parsed, "appliance_requests_total", route="/v1/embeddings", model="gemma-3-270m-embed") >= 1
+    assert value(parsed, "appliance_program_start_time_seconds", program="proxy") > 1.6e9
+
+
 def test_kill_9_of_a_model_gives_503_at_once_and_recovers(appliance: Appliance) -> None:
     before = appliance.pids()
     pid = before["model-gemma-3-270m"]
+    restarts_before = value(scrape(appliance), "appliance_program_restarts_total", program="model-gemma-3-270m")
+    killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
     statuses: list[int] = []
@@ -93,8 +115,10 @@ def test_kill_9_of_a_model_gives_503_at_once_and_recovers(appliance: Appliance) 
             break
     assert statuses[-1] == 503, statuses
     assert set(statuses) <= {502, 503}
-    # The other model is not affected meanwhile.
+    # The other model is not affected meanwhile, and the scrape still succeeds.
     assert httpx.post(appliance.url + "/v1/embeddings", json={"input": "x"}, timeout=30).status_code == 200
+    parsed = scrape(appliance)
+    assert value(parsed, "appliance_model_up", model="gemma-3-270m-embed") == 1
     # Each worker polls once a second: wait until /health shows the restart and the model ready again.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -107,6 +131,13 @@ def test_kill_9_of_a_model_gives_503_at_once_and_recovers(appliance: Appliance) 
     appliance.wait_running()
     after = appliance.pids()
     assert after["model-gemma-3-270m"] != pid
+    restarts = value(scrape(appliance), "appliance_program_restarts_total", program="model-gemma-3-270m")
+    assert restarts == restarts_before + 1
+    events_path = Path(appliance.doc["supervision"]["runtime_dir"]) / "events.jsonl"
+    types = [e["type"] for e in map(json.loads, events_path.read_text().splitlines())
+             if e["event"] == "lifecycle" and e.get("model") == "gemma-3-270m" and e["ts"] >= killed_at - 0.01]
+    assert types[:2] == ["crashed", "restarted"], types
+    assert "ready" in types
     assert after["model-gemma-3-270m-embed"] == before["model-gemma-3-270m-embed"]
     out = client(appliance).chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "hi"}],
                                                     max_tokens=2)
@@ -126,8 +157,12 @@ def test_restarting_the_proxy_leaves_models_alone(appliance: Appliance) -> None:
 def test_lifecycle_events_are_logged(appliance: Appliance) -> None:
     events_path = Path(appliance.doc["supervision"]["runtime_dir"]) / "events.jsonl"
     events = [json.loads(line) for line in events_path.read_text().splitlines()]
-    types = {(e.get("model"), e["type"]) for e in events}
+    types = {(e.get("model"), e["type"]) for e in events if e["event"] == "lifecycle"}
     assert ("gemma-3-270m", "started") in types and ("gemma-3-270m", "running") in types
+    assert ("gemma-3-270m", "ready") in types and ("gemma-3-270m-embed", "ready") in types
+    requests = [e for e in events if e["event"] == "request"]
+    assert any(e["route"] == "/v1/chat/completions" and e["status"] == 200 and e["usage"]["completion_tokens"] > 0
+               for e in requests)
 
 
 def test_corrupt_model_exhausts_its_budget_while_the_other_serves(tmp_path: Path) -> None:
@@ -160,7 +195,7 @@ def test_corrupt_model_exhausts_its_budget_while_the_other_serves(tmp_path: Path
         assert r.status_code == 200
         events_path = tmp_path / "run" / "events.jsonl"
         events = [json.loads(line) for line in events_path.read_text().splitlines()]
-        assert any(e.get("model") == "broken" and e["type"] == "failed" for e in events)
+        assert any(e.get("model") == "broken" and e.get("type") == "failed" for e in events)
     finally:
         app.stop()
 
