@@ -12,6 +12,8 @@ extra="model"
 say() { printf '[setup] %s\n' "$*"; }
 
 need=()
+# promtool (Debian's prometheus package) checks the alert rules and the exporter's output in the tests.
+[[ "$extra" == dev* ]] && ! command -v promtool >/dev/null && need+=(prometheus)
 command -v cmake >/dev/null || need+=(cmake)
 command -v c++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)
@@ -20,7 +22,7 @@ if ((${#need[@]})); then
     say "installing system packages: ${need[*]}"
     if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
     $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

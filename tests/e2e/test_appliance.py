@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -98,6 +99,14 @@ def test_one_scrape_has_proxy_model_and_supervisor_metrics(appliance: Appliance)
     assert value(parsed, "appliance_program_state", program="proxy", state="RUNNING") == 1
     assert value(parsed, "appliance_requests_total", route="/v1/embeddings", model="gemma-3-270m-embed") >= 1
     assert value(parsed, "appliance_program_start_time_seconds", program="proxy") > 1.6e9
+
+
+def test_promtool_finds_nothing_but_llama_servers_own_names(appliance: Appliance) -> None:
+    text = httpx.get(f"http://127.0.0.1:{appliance.doc['metrics']['port']}/metrics", timeout=10).text
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    problems = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    # llama-server names its metrics "llamacpp:..."; Prometheus accepts them, promtool's linter frowns on the colon.
+    assert problems and all(p.startswith("llamacpp:") and "should not contain ':'" in p for p in problems), problems
 
 
 def test_kill_9_of_a_model_gives_503_at_once_and_recovers(appliance: Appliance) -> None:
