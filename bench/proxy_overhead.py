@@ -92,10 +92,10 @@ def main() -> None:
     use_llama = not args.no_llama and BINARY.is_file() and (MODELS / MODEL_FILE).is_file()
     if use_llama:
         embed_port = free_port()
-        procs.append(subprocess.Popen([str(BINARY), "--model", str(MODELS / MODEL_FILE), "--host", "127.0.0.1", "--port",
-                                  str(embed_port), "--embeddings", "--pooling", "mean", "--threads", "1",
-                                  "--parallel", "4", "--ctx-size", "2048", "--no-webui"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        argv = [str(BINARY), "--model", str(MODELS / MODEL_FILE), "--host", "127.0.0.1", "--port", str(embed_port),
+                "--embeddings", "--pooling", "mean", "--threads", "1", "--parallel", "4", "--ctx-size", "2048",
+                "--no-webui"]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     else:
         procs.append(start_stub(embed_port))
     doc = stub_config(tmp, chat_port, embed_port)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from pathlib import Path
 
 from appliance.metrics import proxy as proxy_metrics
 from tests.helpers import REPO
