@@ -11,13 +11,17 @@ from pathlib import Path
 from appliance.config import DEFAULT_PATH, ConfigError, load
 
 
+def _print_problems(path: Path, e: ConfigError) -> None:
+    print(f"{path}: {len(e.problems)} problem(s):", file=sys.stderr)
+    for p in e.problems:
+        print(f"  {p}", file=sys.stderr)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.path)
     except ConfigError as e:
-        print(f"{args.path}: {len(e.problems)} problem(s):", file=sys.stderr)
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
+        _print_problems(args.path, e)
         return 1
     models = ", ".join(f"{m.name} ({m.kind}, :{m.port})" for m in cfg.models)
     binds = ", ".join(cfg.server.bind)
@@ -67,7 +71,7 @@ def _supervisor_conf(args: argparse.Namespace) -> int:
     try:
         path = write_supervisor_conf(load(args.config), Path(args.output) if args.output else None)
     except ConfigError as e:
-        print(f"{args.config}: {e}", file=sys.stderr)
+        _print_problems(args.config, e)
         return 1
     print(path)
     return 0
@@ -79,9 +83,7 @@ def _up(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config)
     except ConfigError as e:
-        print(f"{args.config}: {len(e.problems)} problem(s):", file=sys.stderr)
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
+        _print_problems(args.config, e)
         return 1
     return run_up(cfg)
 

@@ -23,6 +23,7 @@ from supervisor import childutils
 from appliance.config import ApplianceConfig, ModelConfig, load
 from appliance.events.sink import append_jsonl
 from appliance.metrics import restarts_file
+from appliance.runtime import supervisor_rpc
 from appliance.runtime.names import program_name
 
 _TYPES = {
@@ -68,12 +69,8 @@ class Listener:
             append_jsonl(self.cfg.events_file, [event], ev.max_bytes, ev.backups)
 
     def _exit_status(self, program: str) -> int | None:
-        from supervisor.xmlrpc import SupervisorTransport
-
-        transport = SupervisorTransport(None, None, serverurl=f"unix://{self._socket}")
-        server = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
         try:
-            info: dict[str, Any] = server.supervisor.getProcessInfo(program)  # type: ignore[assignment]
+            info: dict[str, Any] = supervisor_rpc.server(self._socket).supervisor.getProcessInfo(program)
         except (OSError, xmlrpc.client.Error):
             return None
         return int(info["exitstatus"])

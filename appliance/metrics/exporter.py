@@ -26,20 +26,12 @@ from aiohttp import web
 from appliance.config import ApplianceConfig, load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir, restarts_file
 from appliance.runtime.names import program_name
+from appliance.runtime.supervisor_rpc import all_process_info
 
 log = logging.getLogger("appliance.exporter")
 BIND = "127.0.0.1"
 CHILD_TIMEOUT_S = 2.0
 STATES = ("STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN")
-
-
-def supervisor_info(socket_path: Path) -> list[dict[str, Any]]:
-    from supervisor.xmlrpc import SupervisorTransport
-
-    transport = SupervisorTransport(None, None, serverurl=f"unix://{socket_path}")
-    server = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-    infos: list[dict[str, Any]] = server.supervisor.getAllProcessInfo()  # type: ignore[assignment]
-    return infos
 
 
 class Exporter:
@@ -68,7 +60,7 @@ class Exporter:
         sock = Path(self.cfg.supervision.runtime_dir) / "supervisor.sock"
         infos: list[dict[str, Any]] = []
         try:
-            infos = await asyncio.to_thread(supervisor_info, sock)
+            infos = await asyncio.to_thread(all_process_info, sock)
         except (OSError, xmlrpc.client.Error) as e:
             log.debug("supervisord not reachable: %s", e)
         registry = CollectorRegistry()

