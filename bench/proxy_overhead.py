@@ -1,19 +1,21 @@
 """What the proxy costs: the same requests direct to the upstream and through the appliance, side by side, as ratios.
 
 Usage: .venv/bin/python -m bench.proxy_overhead [--seconds 5] [--concurrency 1 16] [--no-llama]
+(uses wrk as the load generator when it is installed: apt-get install wrk)
 
 Two upstreams are measured in one run:
 - a stub llama-server (tests/stub_llama.py) answering a small chat completion: the proxy's own overhead, the number
   that matters for high-rate embedding traffic;
 - the real llama-server with Gemma 3 270M serving embeddings (skipped with --no-llama or when setup has not run).
-The proxy is the real thing: gunicorn with the appliance's uvicorn workers. The load generator is an aiohttp client
-in this process, so on a 2-core machine it competes with the proxy for CPU; compare ratios from the same run only.
+The proxy is the real thing: gunicorn with the appliance's uvicorn workers. On a 2-core machine the load generator
+competes with the proxy for CPU; compare ratios from the same run only.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import socket
 import statistics
 import subprocess
@@ -54,6 +56,31 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple
     return len(latencies) / elapsed, statistics.median(latencies) * 1000, latencies[int(len(latencies) * 0.99)] * 1000
 
 
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = [==[%s]==]
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def wrk_load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[float, float, float]:
+    """The same measurement with wrk (a C load generator: less CPU taken from the proxy on a small machine)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT % body.decode())
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "60s", "-s", f.name,
+                          url], capture_output=True, text=True, check=True).stdout
+    Path(f.name).unlink()
+
+    def ms(token: str) -> float:
+        unit = token.lstrip("0123456789.")
+        return float(token[: len(token) - len(unit)]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    rps = float(next(line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec")))
+    pct = {line.split()[0]: ms(line.split()[1]) for line in out.splitlines() if line.strip().startswith(("50%", "99%"))}
+    if "Non-2xx" in out:
+        raise RuntimeError(f"{url}: non-2xx answers\n{out}")
+    return rps, pct["50%"], pct["99%"]
+
+
 def start_stub(port: int) -> subprocess.Popen[bytes]:
     """The stub in its own process, so that it does not share a GIL with the load generator."""
     code = ("import time; from tests.stub_llama import StubLlama; "
@@ -70,11 +97,14 @@ def start_stub(port: int) -> subprocess.Popen[bytes]:
 
 
 def compare(label: str, direct: str, proxied: str, body: bytes, concurrencies: list[int], seconds: float) -> None:
+    use_wrk = shutil.which("wrk") is not None
     for c in concurrencies:
         asyncio.run(load(direct, body, c, 0.5))  # warm both paths
         asyncio.run(load(proxied, body, c, 0.5))
-        d = asyncio.run(load(direct, body, c, seconds))
-        p = asyncio.run(load(proxied, body, c, seconds))
+        if use_wrk:
+            d, p = wrk_load(direct, body, c, seconds), wrk_load(proxied, body, c, seconds)
+        else:
+            d, p = asyncio.run(load(direct, body, c, seconds)), asyncio.run(load(proxied, body, c, seconds))
         print(f"{label:<28} c={c:<3} direct {d[0]:8.0f} req/s p50 {d[1]:6.2f} ms p99 {d[2]:7.2f} ms | "
               f"appliance {p[0]:8.0f} req/s p50 {p[1]:6.2f} ms p99 {p[2]:7.2f} ms | "
               f"throughput ratio {p[0] / d[0]:.2f}, p50 +{p[1] - d[1]:.2f} ms", flush=True)
@@ -103,7 +133,8 @@ def main() -> None:
     try:
         proxy.start(wait_ready=True)
         print(f"proxy: gunicorn, {doc['server']['workers']} uvicorn workers, aiohttp upstream client; "
-              f"{args.seconds:g} s per point", flush=True)
+              f"{args.seconds:g} s per point; load generator: {'wrk' if shutil.which('wrk') else 'aiohttp'}",
+              flush=True)
         compare("stub chat completion", f"http://127.0.0.1:{chat_port}/v1/chat/completions",
                 proxy.url + "/v1/chat/completions", CHAT_BODY, args.concurrency, args.seconds)
         if use_llama:

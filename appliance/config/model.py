@@ -69,7 +69,7 @@ class EventsConfig:
     url: str = ""
     #: File holding the collector's bearer token.
     token_file: str = ""
-    batch_size: int = 100
+    batch_size: int = 500
     flush_interval_s: float = 1.0
     #: Events waiting per process; beyond this they are dropped and counted, never waited for.
     queue_size: int = 10000

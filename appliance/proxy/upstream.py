@@ -35,6 +35,13 @@ class UpstreamResponse:
         except (aiohttp.ClientError, ConnectionError) as e:
             raise UpstreamError("reset", f"connection to llama-server broke: {e}") from e
 
+    async def read(self) -> bytes:
+        """The whole body (for small bodies whose length is known)."""
+        try:
+            return await self._raw.read()
+        except (aiohttp.ClientError, ConnectionError) as e:
+            raise UpstreamError("reset", f"connection to llama-server broke: {e}") from e
+
     def close(self) -> None:
         """Drop the connection: llama-server sees the socket close and frees the slot."""
         self._raw.close()
