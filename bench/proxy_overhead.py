@@ -66,8 +66,9 @@ def wrk_load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[f
     """The same measurement with wrk (a C load generator: less CPU taken from the proxy on a small machine)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_SCRIPT % body.decode())
-    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "60s", "-s", f.name,
-                          url], capture_output=True, text=True, check=True).stdout
+    argv = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "60s",
+            "-s", f.name, url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     Path(f.name).unlink()
 
     def ms(token: str) -> float:
