@@ -1,20 +1,22 @@
 """supervisord event listener: PROCESS_STATE events become lifecycle events, and feed the restart counters.
 
 supervisord speaks a line protocol with its listeners over stdin/stdout, so nothing but protocol may be written to
-stdout here; diagnostics go to stderr. Exit codes are read over XML-RPC (the event does not carry them), and
-"ready" is learned by polling the restarted llama-server's /health in a thread, since supervisord cannot see it.
+stdout here; diagnostics go to stderr. The event does not carry the exit status, and by the time it is delivered
+supervisord may already have respawned the program (which resets the status XML-RPC reports), so it is read from
+supervisord's own "exited: ..." log line. "ready" is learned by polling the restarted llama-server's /health in a
+thread, since supervisord cannot see it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-import xmlrpc.client
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,7 +25,6 @@ from supervisor import childutils
 from appliance.config import ApplianceConfig, ModelConfig, load
 from appliance.events.sink import append_jsonl
 from appliance.metrics import restarts_file
-from appliance.runtime import supervisor_rpc
 from appliance.runtime.names import program_name
 
 _TYPES = {
@@ -61,19 +62,27 @@ class Listener:
         self._lock = threading.Lock()
         # Bumped at every state change of a model: a readiness watcher from an older start gives up.
         self._generation: dict[str, int] = {}
-        self._socket = Path(cfg.supervision.runtime_dir) / "supervisor.sock"
+        self._supervisord_log = Path(cfg.supervision.runtime_dir) / "logs" / "supervisord.log"
 
     def write(self, event: dict[str, Any]) -> None:
         ev = self.cfg.events
         with self._lock:
             append_jsonl(self.cfg.events_file, [event], ev.max_bytes, ev.backups)
 
-    def _exit_status(self, program: str) -> int | None:
+    def _exit(self, program: str) -> dict[str, Any]:
+        """``exit_status`` or ``exit_signal`` of the program's last exit, from supervisord's log."""
         try:
-            info: dict[str, Any] = supervisor_rpc.server(self._socket).supervisor.getProcessInfo(program)
-        except (OSError, xmlrpc.client.Error):
-            return None
-        return int(info["exitstatus"])
+            with open(self._supervisord_log, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - 65536))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return {}
+        found = re.findall(rf"exited: {re.escape(program)} \((exit status (\d+)|terminated by (\w+))", tail)
+        if not found:
+            return {}
+        _, status, sig = found[-1]
+        return {"exit_status": int(status)} if status else {"exit_signal": sig}
 
     def _count_restart(self, program: str) -> None:
         self.restarts[program] = self.restarts.get(program, 0) + 1
@@ -106,9 +115,7 @@ class Listener:
         event = lifecycle_event(eventname, fields, names, time.time())
         program = event["program"]
         if event["type"] == "crashed":
-            status = self._exit_status(program)
-            if status is not None:
-                event["exit_status"] = status
+            event.update(self._exit(program))
         if event["type"] == "restarted":
             self._count_restart(program)
         self.write(event)

@@ -143,9 +143,11 @@ def test_kill_9_of_a_model_gives_503_at_once_and_recovers(appliance: Appliance) 
     restarts = value(scrape(appliance), "appliance_program_restarts_total", program="model-gemma-3-270m")
     assert restarts == restarts_before + 1
     events_path = Path(appliance.doc["supervision"]["runtime_dir"]) / "events.jsonl"
-    types = [e["type"] for e in map(json.loads, events_path.read_text().splitlines())
-             if e["event"] == "lifecycle" and e.get("model") == "gemma-3-270m" and e["ts"] >= killed_at - 0.01]
+    lifecycle = [e for e in map(json.loads, events_path.read_text().splitlines())
+                 if e["event"] == "lifecycle" and e.get("model") == "gemma-3-270m" and e["ts"] >= killed_at - 0.01]
+    types = [e["type"] for e in lifecycle]
     assert types[:2] == ["crashed", "restarted"], types
+    assert lifecycle[0]["exit_signal"] == "SIGKILL" and lifecycle[0]["pid"] == pid
     assert "ready" in types
     assert after["model-gemma-3-270m-embed"] == before["model-gemma-3-270m-embed"]
     out = client(appliance).chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "hi"}],
@@ -205,6 +207,8 @@ def test_corrupt_model_exhausts_its_budget_while_the_other_serves(tmp_path: Path
         events_path = tmp_path / "run" / "events.jsonl"
         events = [json.loads(line) for line in events_path.read_text().splitlines()]
         assert any(e.get("model") == "broken" and e.get("type") == "failed" for e in events)
+        crashes = [e for e in events if e.get("model") == "broken" and e.get("type") == "crashed"]
+        assert crashes and all(e["exit_status"] != 0 for e in crashes), crashes
     finally:
         app.stop()
 
