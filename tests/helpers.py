@@ -83,7 +83,7 @@ class Proxy:
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", "python:appliance.gunicorn_conf"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

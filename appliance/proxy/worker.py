@@ -27,9 +27,13 @@ class DrainingServer(Server):
         self._drain_started: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self._drain_started is None:
-            self._drain_started = time.monotonic()
-            self._app.runtime.draining = True
+        if sig == signal.SIGTERM:
+            # supervisord stops the proxy as a process group, so a worker gets SIGTERM twice (from supervisord and
+            # from the arbiter): only the first counts. SIGINT/SIGQUIT still mean "now"; the arbiter's SIGKILL after
+            # graceful_timeout bounds a drain that never ends.
+            if self._drain_started is None:
+                self._drain_started = time.monotonic()
+                self._app.runtime.draining = True
             return
         super().handle_exit(sig, frame)
 

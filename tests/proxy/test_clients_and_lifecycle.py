@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -132,7 +133,8 @@ def test_sigterm_drains_streams_and_reports_draining(tmp_path: Path) -> None:
     try:
         while not received:
             time.sleep(0.02)
-        p.proc.send_signal(signal.SIGTERM)
+        # As supervisord stops it (stopasgroup): the arbiter and every worker get SIGTERM at once.
+        os.killpg(p.proc.pid, signal.SIGTERM)
         time.sleep(0.5)
         h = httpx.get(p.url + "/health")
         assert h.status_code == 503 and h.json()["status"] == "draining"

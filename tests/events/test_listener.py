@@ -1,0 +1,49 @@
+"""The supervisord event listener's mapping from process states to lifecycle events, and its exit reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.config import parse
+from appliance.events.listener import Listener, lifecycle_event
+from tests.config.test_config import base_doc, tree  # noqa: F401  (fixture)
+
+MODELS = {"model-chat": "chat"}
+
+
+@pytest.mark.parametrize(("eventname", "fields", "kind"), [
+    ("PROCESS_STATE_STARTING", {"from_state": "STOPPED"}, "started"),
+    ("PROCESS_STATE_STARTING", {"from_state": "BACKOFF"}, "restarted"),
+    ("PROCESS_STATE_STARTING", {"from_state": "EXITED"}, "restarted"),
+    ("PROCESS_STATE_RUNNING", {"from_state": "STARTING", "pid": "7"}, "running"),
+    ("PROCESS_STATE_EXITED", {"from_state": "RUNNING", "expected": "0", "pid": "7"}, "crashed"),
+    ("PROCESS_STATE_EXITED", {"from_state": "RUNNING", "expected": "1", "pid": "7"}, "exited"),
+    ("PROCESS_STATE_BACKOFF", {"from_state": "STARTING"}, "crashed"),
+    ("PROCESS_STATE_FATAL", {"from_state": "BACKOFF"}, "failed"),
+    ("PROCESS_STATE_STOPPING", {"from_state": "RUNNING", "pid": "7"}, "stopping"),
+    ("PROCESS_STATE_STOPPED", {"from_state": "STOPPING", "pid": "7"}, "stopped"),
+])
+def test_state_to_lifecycle_type(eventname: str, fields: dict[str, str], kind: str) -> None:
+    event = lifecycle_event(eventname, {"processname": "model-chat", **fields}, MODELS, 1.0)
+    assert event["type"] == kind
+    assert event["model"] == "chat" and event["program"] == "model-chat"
+    assert ("pid" in event) == ("pid" in fields)
+
+
+def test_exit_reason_comes_from_supervisords_log(tree: Path) -> None:  # noqa: F811
+    doc = base_doc(tree)
+    doc["supervision"] = {"runtime_dir": str(tree / "run")}
+    listener = Listener(parse(doc, tree))
+    logs = tree / "run" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "supervisord.log").write_text(
+        "2026-01-01 INFO exited: model-chat (exit status 1; not expected)\n"
+        "2026-01-01 INFO exited: model-chat-2 (terminated by SIGSEGV (core dumped); not expected)\n"
+        "2026-01-01 INFO exited: model-chat (terminated by SIGKILL; not expected)\n"
+        "2026-01-01 INFO exited: model-emb (exit status 3; not expected)\n")
+    assert listener._exit("model-chat") == {"exit_signal": "SIGKILL"}
+    assert listener._exit("model-emb") == {"exit_status": 3}
+    assert listener._exit("model-chat-2") == {"exit_signal": "SIGSEGV"}
+    assert listener._exit("proxy") == {}
