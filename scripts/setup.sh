@@ -14,6 +14,8 @@ say() { printf '[setup] %s\n' "$*"; }
 need=()
 # promtool (Debian's prometheus package) checks the alert rules and the exporter's output in the tests.
 [[ "$extra" == dev* ]] && ! command -v promtool >/dev/null && need+=(prometheus)
+# ip (iproute2) lists this host's addresses for the loopback-only exporter test.
+[[ "$extra" == dev* ]] && ! command -v ip >/dev/null && need+=(iproute2)
 command -v cmake >/dev/null || need+=(cmake)
 command -v c++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)

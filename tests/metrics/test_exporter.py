@@ -148,8 +148,10 @@ def test_metrics_port_is_loopback_only_and_not_on_the_public_port(stack: tuple[P
 
 
 def _non_loopback_addresses() -> list[str]:
-    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=False).stdout.split()
-    return [a for a in out if ":" not in a and not a.startswith("127.")]
+    """This host's own IPv4 addresses other than loopback (from the kernel's local routing table)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=False).stdout
+    addrs = [line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3]
+    return [a for a in addrs if not a.startswith("127.")]
 
 
 def test_a_dead_child_gives_up_zero_not_a_failed_scrape(stack: tuple[Proxy, Exporter, StubLlama, StubLlama]) -> None:
