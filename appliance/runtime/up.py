@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -35,7 +36,31 @@ def _health(url: str) -> dict[str, object] | None:
         return None
 
 
+def busy_ports(cfg: ApplianceConfig) -> list[str]:
+    """Ports of the config that something else already listens on: supervisord would only report them as FATAL."""
+    wanted = [(f"server.port ({addr})", addr, cfg.server.port) for addr in cfg.server.bind]
+    wanted.append(("metrics.port", "127.0.0.1", cfg.metrics.port))
+    wanted += [(f"port of model {m.name}", "127.0.0.1", m.port) for m in cfg.models]
+    busy = []
+    for key, addr, port in wanted:
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((addr, port))
+            except OSError as e:
+                busy.append(f"{key}: cannot listen on {addr}:{port}: {e.strerror}")
+    return busy
+
+
 def run_up(cfg: ApplianceConfig) -> int:
+    busy = busy_ports(cfg)
+    if busy:
+        for line in busy:
+            print(f"[appliance] {line}", file=sys.stderr)
+        print("[appliance] stop what uses them (another `appliance up`?) or change the ports in the config",
+              file=sys.stderr)
+        return 1
     conf = write_supervisor_conf(cfg)
     supervisord = Path(sys.executable).with_name("supervisord")
     _say(f"supervisord config: {conf}")

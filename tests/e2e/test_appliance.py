@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -235,3 +236,15 @@ def _processes_using(tmp: Path) -> list[str]:
             if str(tmp) in cmd:
                 out.append(cmd)
     return out
+
+
+def test_up_refuses_ports_in_use_with_the_key_named(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        app = start_appliance(tmp_path, [chat_model(port)])
+        assert app.proc.wait(30) == 1
+    out = app.log.read_text()
+    assert f"port of model gemma-3-270m: cannot listen on 127.0.0.1:{port}" in out
+    assert not (tmp_path / "run" / "supervisord.conf").exists()
