@@ -163,3 +163,29 @@ def test_parse_keeps_runtime_dir_absolute(tree: Path) -> None:  # noqa: F811
     doc = base_doc(tree)
     doc["supervision"] = {"runtime_dir": "run"}
     assert parse(doc, tree).supervision.runtime_dir == str(tree / "run")
+
+
+def test_supervisord_parses_odd_names_and_paths(tree: Path) -> None:  # noqa: F811
+    import shlex
+
+    from supervisor.options import ServerOptions
+
+    from appliance.runtime.supervisor_conf import write_supervisor_conf
+
+    odd = tree / "dir with space%"
+    odd.mkdir()
+    doc = base_doc(tree)
+    doc["models"][0]["name"] = "org/model:v1 50%"
+    doc["supervision"] = {"runtime_dir": str(tree / "run")}
+    path = odd / "appliance.toml"
+    path.write_text(render_toml(doc))
+    from appliance.config import load
+
+    conf = write_supervisor_conf(load(path))
+    opts = ServerOptions()
+    opts.configfile = str(conf)
+    opts.process_config(do_usage=False)
+    programs = {g.name: g.process_configs[0] for g in opts.process_group_configs}
+    argv = shlex.split(programs["model-org_model_v1_50_"].command)
+    assert argv[-4:] == ["run-model", "org/model:v1 50%", "--config", str(path)]
+    assert programs["proxy"].environment["APPLIANCE_CONFIG"] == str(path)
