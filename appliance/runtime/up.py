@@ -66,9 +66,15 @@ def run_up(cfg: ApplianceConfig) -> int:
     _say(f"supervisord config: {conf}")
     proc = subprocess.Popen([str(supervisord), "-n", "-c", str(conf)])
 
+    stopping = False
+
     def stop(signum: int, frame: FrameType | None) -> None:
-        _say("stopping (waiting for streams to finish and every model to stop)")
-        proc.send_signal(signal.SIGTERM)
+        # Ctrl-C reaches supervisord too (same process group); one SIGTERM from here is all it needs.
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            _say("stopping (waiting for streams to finish and every model to stop)")
+            proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
