@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -306,8 +306,6 @@ def parse(data: Mapping[str, Any], base: Path, source: Path | None = None, check
 
 def _absolutize(cfg: ApplianceConfig, base: Path) -> ApplianceConfig:
     """Replace relative paths with canonical absolute ones so that every consumer sees the same files."""
-    from dataclasses import replace
-
     ls = cfg.llama_server
     models_dir = _resolve(base, ls.models_dir)
     return replace(

@@ -58,6 +58,7 @@ class Listener:
     def __init__(self, cfg: ApplianceConfig) -> None:
         self.cfg = cfg
         self.models: dict[str, ModelConfig] = {program_name(m): m for m in cfg.models}
+        self._model_names = {p: m.name for p, m in self.models.items()}
         self.restarts: dict[str, int] = {}
         self._lock = threading.Lock()
         # Bumped at every state change of a model: a readiness watcher from an older start gives up.
@@ -86,6 +87,9 @@ class Listener:
 
     def _count_restart(self, program: str) -> None:
         self.restarts[program] = self.restarts.get(program, 0) + 1
+        self._write_restarts()
+
+    def _write_restarts(self) -> None:
         path = restarts_file(self.cfg)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.restarts))
@@ -111,8 +115,7 @@ class Listener:
             time.sleep(0.25)
 
     def handle(self, eventname: str, fields: dict[str, str]) -> None:
-        names = {p: m.name for p, m in self.models.items()}
-        event = lifecycle_event(eventname, fields, names, time.time())
+        event = lifecycle_event(eventname, fields, self._model_names, time.time())
         program = event["program"]
         if event["type"] == "crashed":
             event.update(self._exit(program))
@@ -126,6 +129,8 @@ class Listener:
                 threading.Thread(target=self._watch_ready, args=(program, generation), daemon=True).start()
 
     def run(self, stdin: TextIO, stdout: TextIO) -> None:
+        # Counts start at zero with supervisord, like the proxy's metrics: a previous run's file must not linger.
+        self._write_restarts()
         while True:
             headers, payload = childutils.listener.wait(stdin, stdout)
             fields, _ = childutils.eventdata(payload + "\n")

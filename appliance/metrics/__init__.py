@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
@@ -17,3 +19,12 @@ def multiproc_dir(cfg: ApplianceConfig) -> Path:
 def restarts_file(cfg: ApplianceConfig) -> Path:
     """Restart counts per program, kept by the supervisord event listener."""
     return Path(cfg.supervision.runtime_dir) / "restarts.json"
+
+
+def read_restarts(cfg: ApplianceConfig) -> dict[str, int]:
+    """{program: restarts} as the listener last wrote it; empty before the first restart or without supervisord."""
+    with contextlib.suppress(OSError, ValueError):
+        counts = json.loads(restarts_file(cfg).read_text())
+        if isinstance(counts, dict):
+            return {str(k): int(v) for k, v in counts.items()}
+    return {}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import time
@@ -24,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from appliance.config import ApplianceConfig, load
-from appliance.metrics import MULTIPROC_ENV, multiproc_dir, restarts_file
+from appliance.metrics import MULTIPROC_ENV, multiproc_dir, read_restarts
 from appliance.runtime.names import program_name
 from appliance.runtime.supervisor_rpc import all_process_info
 
@@ -47,22 +45,25 @@ class Exporter:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return None
 
+    async def _supervisor(self) -> list[dict[str, Any]]:
+        sock = Path(self.cfg.supervision.runtime_dir) / "supervisor.sock"
+        try:
+            return await asyncio.to_thread(all_process_info, sock)
+        except (OSError, xmlrpc.client.Error) as e:
+            log.debug("supervisord not reachable: %s", e)
+            return []
+
     async def scrape(self) -> bytes:
         # prometheus_client is imported here, after main() has set its multiprocess directory.
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
         models = self.cfg.models
-        child_metrics, child_health = await asyncio.gather(
+        child_metrics, child_health, infos = await asyncio.gather(
             asyncio.gather(*(self._get(f"http://127.0.0.1:{m.port}/metrics") for m in models)),
             asyncio.gather(*(self._get(f"http://127.0.0.1:{m.port}/health") for m in models)),
+            self._supervisor(),
         )
-        sock = Path(self.cfg.supervision.runtime_dir) / "supervisor.sock"
-        infos: list[dict[str, Any]] = []
-        try:
-            infos = await asyncio.to_thread(all_process_info, sock)
-        except (OSError, xmlrpc.client.Error) as e:
-            log.debug("supervisord not reachable: %s", e)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(multiproc_dir(self.cfg)))  # type: ignore[no-untyped-call]
         registry.register(_Static(list(self._families(child_metrics, child_health, infos))))
@@ -97,9 +98,7 @@ class Exporter:
         yield ready
         yield from merged.values()
 
-        restarts: dict[str, int] = {}
-        with contextlib.suppress(OSError, ValueError):
-            restarts = json.loads(restarts_file(self.cfg).read_text())
+        restarts = read_restarts(self.cfg)
         p_up = GaugeMetricFamily("appliance_program_up", "1 when supervisord reports the program RUNNING.",
                                  labels=["program", "model"])
         p_state = GaugeMetricFamily("appliance_program_state", "supervisord state of each program (1 = current).",

@@ -65,6 +65,14 @@ class Runtime:
             for n in (m.name, *m.aliases):
                 self.names[n] = m
 
+    def enter(self, model: str) -> None:
+        self.in_flight += 1
+        metrics.IN_FLIGHT.labels(model).inc()
+
+    def leave(self, model: str) -> None:
+        self.in_flight -= 1
+        metrics.IN_FLIGHT.labels(model).dec()
+
     def default_model(self, kind: str) -> ModelConfig | None:
         return next((m for m in self.cfg.models if m.kind == kind), None)
 
@@ -107,19 +115,19 @@ class Exchange:
             self.kept += chunk
 
     def usage(self) -> dict[str, Any] | None:
-        docs: list[bytes] = []
-        if self.stream:
-            docs = [e.removeprefix(b"data: ") for e in reversed(self.kept.split(b"\n\n")) if b'"usage"' in e]
-        elif b'"usage"' in self.kept:
-            docs = [self.kept]
-        for raw in docs:
-            try:
-                usage = json.loads(raw).get("usage")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(usage, dict):
-                return {k: v for k, v in usage.items() if k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        return None
+        """The last ``"usage": {...}`` object in what was kept, decoded alone (not the whole body).
+
+        Inside JSON strings quotes are escaped, so the unescaped key cannot come from generated text."""
+        at = self.kept.rfind(b'"usage":')
+        if at < 0:
+            return None
+        try:
+            usage, _ = json.JSONDecoder().raw_decode(self.kept[at + 8:].decode(errors="replace").lstrip())
+        except ValueError:
+            return None
+        if not isinstance(usage, dict):
+            return None
+        return {k: v for k, v in usage.items() if k in ("prompt_tokens", "completion_tokens", "total_tokens")}
 
 
 def finish(rt: Runtime, ex: Exchange) -> None:
@@ -189,8 +197,7 @@ async def _relay(rt: Runtime, up: UpstreamResponse, disconnect: asyncio.Future[N
             yield chunk
     finally:
         disconnect.cancel()
-        rt.in_flight -= 1
-        metrics.IN_FLIGHT.labels(ex.model).dec()
+        rt.leave(ex.model)
         finish(rt, ex)
 
 
@@ -256,8 +263,7 @@ class Forward:
         headers = {h: v for h in UPSTREAM_HEADERS if (v := req.get_header(h))}
         headers["x-request-id"] = req.context.request_id
         disconnect = asyncio.ensure_future(_wait_disconnect(req.scope[_RECEIVE_KEY]))
-        rt.in_flight += 1
-        metrics.IN_FLIGHT.labels(model.name).inc()
+        rt.enter(model.name)
         handed_over = False
         try:
             up = await self._send(model, body, headers, disconnect)
@@ -283,8 +289,7 @@ class Forward:
         finally:
             if not handed_over:
                 disconnect.cancel()
-                rt.in_flight -= 1
-                metrics.IN_FLIGHT.labels(model.name).dec()
+                rt.leave(model.name)
 
     async def _send(self, model: ModelConfig, body: bytes, headers: dict[str, str], disconnect: asyncio.Future[None]
                     ) -> UpstreamResponse:

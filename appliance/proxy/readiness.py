@@ -2,7 +2,8 @@
 
 "The process is running" says nothing about whether the model is loaded: llama-server answers 503 until it is. Each
 worker polls every child in the background and the request path only reads the result, so readiness costs a request
-nothing. A refused connection marks the model not ready at once, without waiting for the next poll.
+nothing. A refused connection marks the model not ready at once, without waiting for the next poll. Restart counts are
+the event listener's (one count for the host, whichever worker answers).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import ApplianceConfig, ModelConfig
+from appliance.metrics import read_restarts
 from appliance.proxy.upstream import Upstream
 from appliance.runtime.names import program_name
 from appliance.runtime.supervisor_rpc import all_process_info
@@ -31,7 +33,6 @@ class ModelState:
     state: str = LOADING
     since: float = 0.0
     restarts: int = 0
-    pid: int = 0
     ever_ready: bool = False
 
     def set(self, state: str) -> None:
@@ -41,8 +42,9 @@ class ModelState:
             self.since = time.time()
 
 
-def _supervisor_states(socket_path: Path) -> dict[str, dict[str, Any]]:
-    return {i["name"]: i for i in all_process_info(socket_path)}
+def _supervisor_view(cfg: ApplianceConfig, socket_path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """supervisord's state per program and the listener's restart counts (blocking: run in a thread)."""
+    return {i["name"]: i for i in all_process_info(socket_path)}, read_restarts(cfg)
 
 
 class Readiness:
@@ -66,9 +68,10 @@ class Readiness:
 
     async def poll_once(self) -> None:
         sup: dict[str, dict[str, Any]] = {}
+        restarts: dict[str, int] = {}
         if self._supervisor_socket is not None:
             try:
-                sup = await asyncio.to_thread(_supervisor_states, self._supervisor_socket)
+                sup, restarts = await asyncio.to_thread(_supervisor_view, self._cfg, self._supervisor_socket)
             except (OSError, xmlrpc.client.Error) as e:
                 log.debug("supervisord not reachable: %s", e)
         statuses = await asyncio.gather(
@@ -76,14 +79,9 @@ class Readiness:
         )
         for m, status in zip(self._cfg.models, statuses, strict=True):
             st = self.models[m.name]
-            info = sup.get(program_name(m))
-            if info is not None:
-                pid = int(info.get("pid") or 0)
-                if pid and st.pid and pid != st.pid:
-                    st.restarts += 1
-                if pid:
-                    st.pid = pid
-            statename = info.get("statename") if info else None
+            program = program_name(m)
+            st.restarts = restarts.get(program, st.restarts)
+            statename = sup.get(program, {}).get("statename")
             if status == 200:
                 st.set(READY)
             elif statename == "FATAL":

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
-from appliance.metrics import MULTIPROC_ENV, multiproc_dir
 from appliance.runtime.names import EVENTS_PROGRAM, EXPORTER_PROGRAM, PROXY_PROGRAM, program_name
 
 
@@ -81,7 +80,7 @@ priority=100
     stopwait = int(cfg.server.graceful_timeout_s) + 15
     parts.append(f"""[program:{PROXY_PROGRAM}]
 command={py} -m gunicorn -c python:appliance.gunicorn_conf
-environment=APPLIANCE_CONFIG={config},{MULTIPROC_ENV}={_arg(str(multiproc_dir(cfg)))}
+environment=APPLIANCE_CONFIG={config}
 autostart=true
 autorestart=true
 startsecs=2
@@ -93,7 +92,6 @@ priority=200
 {_log_settings(p["logs"], PROXY_PROGRAM)}""")
     parts.append(f"""[program:{EXPORTER_PROGRAM}]
 command={py} -m appliance.metrics.exporter --config {config}
-environment={MULTIPROC_ENV}={_arg(str(multiproc_dir(cfg)))}
 autostart=true
 autorestart=true
 startsecs=1
