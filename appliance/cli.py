@@ -77,6 +77,25 @@ def _supervisor_conf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reload(args: argparse.Namespace) -> int:
+    from appliance.runtime.reload import ReloadError, reload
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        _print_problems(args.config, e)
+        print("reload: nothing changed; the running config stays in force", file=sys.stderr)
+        return 1
+    try:
+        report = reload(cfg)
+    except ReloadError as e:
+        print(f"reload: {e}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(f"reload: {line}")
+    return 0
+
+
 def _up(args: argparse.Namespace) -> int:
     from appliance.runtime.up import run_up
 
@@ -119,7 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where to write it [<runtime_dir>/supervisord.conf]")
     p.set_defaults(func=_supervisor_conf)
 
-    p = sub.add_parser("up", help="run everything in the foreground under supervisord; Ctrl-C stops it all")
+    p = sub.add_parser("reload", help="validate the config, then apply only what changed to the running appliance",
+                       description="Validates the config (an invalid one changes nothing), regenerates the supervisord "
+                       "config and applies the difference: added models start, removed ones stop, changed ones "
+                       "restart, unchanged ones keep running; the proxy replaces its workers without refusing "
+                       "connections.")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help="[%(default)s]")
+    p.set_defaults(func=_reload)
+
+    p = sub.add_parser("up", help="run everything in the foreground under supervisord; Ctrl-C stops, SIGHUP reloads")
     p.add_argument("--config", type=Path, default=DEFAULT_PATH, help="[%(default)s]")
     p.set_defaults(func=_up)
     return parser

@@ -1,7 +1,8 @@
 """gunicorn settings for the proxy, derived from the appliance config named by $APPLIANCE_CONFIG.
 
-Checked with ``gunicorn --check-config -c python:appliance.gunicorn_conf``. This module is loaded by the arbiter
-before any worker imports the app, which makes it the place to point prometheus-client at its multiprocess directory.
+gunicorn runs this file by name (``gunicorn -c .../appliance/gunicorn_conf.py``), at start and again on every SIGHUP,
+so a reload picks up changed settings. It is loaded by the arbiter before any worker imports the app, which makes it
+the place to point prometheus-client at its multiprocess directory.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from appliance.config import load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir
+from appliance.proxy import retire
 
 _cfg = load(os.environ["APPLIANCE_CONFIG"], check_files=False)
 # Must be set before prometheus_client is first imported (it reads the variable at import time).
@@ -42,6 +44,11 @@ def on_starting(server: Any) -> None:
     path = multiproc_dir(_cfg)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
+
+
+def on_reload(server: Any) -> None:
+    """SIGHUP: the running workers are about to be replaced; they must retire, not drain (see proxy/retire.py)."""
+    retire.mark(retire.retiring_file(_cfg), server.WORKERS)
 
 
 def child_exit(server: Any, worker: Any) -> None:

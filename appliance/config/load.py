@@ -317,7 +317,8 @@ def _absolutize(cfg: ApplianceConfig, base: Path) -> ApplianceConfig:
             allowed_binary_prefixes=tuple(str(_resolve(base, p)) for p in ls.allowed_binary_prefixes),
             models_dir=str(models_dir),
         ),
-        supervision=replace(cfg.supervision, runtime_dir=str(_resolve(base, cfg.supervision.runtime_dir))),
+        supervision=replace(cfg.supervision, runtime_dir=str(_resolve(base, cfg.supervision.runtime_dir)),
+                            log_dir=str(_resolve(base, cfg.supervision.log_dir)) if cfg.supervision.log_dir else ""),
         events=replace(cfg.events, file=str(_resolve(base, cfg.events.file)) if cfg.events.file else "",
                        token_file=str(_resolve(base, cfg.events.token_file)) if cfg.events.token_file else ""),
         models=tuple(

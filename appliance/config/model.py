@@ -52,8 +52,10 @@ class SupervisionConfig:
     #: First restart delay; doubles with every failed start in a row, capped at backoff_max_s.
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 30.0
-    #: Where generated supervisord config, sockets, logs and state live.
+    #: Where the generated supervisord config, its socket and the processes' shared state live.
     runtime_dir: str = "/run/appliance"
+    #: supervisord's and every program's log files; empty means <runtime_dir>/logs.
+    log_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,10 @@ class ApplianceConfig:
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     source: Path | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.supervision.log_dir or Path(self.supervision.runtime_dir) / "logs")
 
     @property
     def events_file(self) -> Path:

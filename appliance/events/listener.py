@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any, TextIO
 
 from supervisor import childutils
 
 from appliance.config import ApplianceConfig, ModelConfig, load
 from appliance.events.sink import append_jsonl
-from appliance.metrics import restarts_file
+from appliance.metrics import read_restarts_file, restarts_file
 from appliance.runtime.names import program_name
 
 _TYPES = {
@@ -63,7 +63,7 @@ class Listener:
         self._lock = threading.Lock()
         # Bumped at every state change of a model: a readiness watcher from an older start gives up.
         self._generation: dict[str, int] = {}
-        self._supervisord_log = Path(cfg.supervision.runtime_dir) / "logs" / "supervisord.log"
+        self._supervisord_log = cfg.log_dir / "supervisord.log"
 
     def write(self, event: dict[str, Any]) -> None:
         ev = self.cfg.events
@@ -92,7 +92,7 @@ class Listener:
     def _write_restarts(self) -> None:
         path = restarts_file(self.cfg)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.restarts))
+        tmp.write_text(json.dumps({"supervisord_pid": os.getppid(), "counts": self.restarts}))
         tmp.replace(path)
 
     def _watch_ready(self, program: str, generation: int) -> None:
@@ -129,7 +129,10 @@ class Listener:
                 threading.Thread(target=self._watch_ready, args=(program, generation), daemon=True).start()
 
     def run(self, stdin: TextIO, stdout: TextIO) -> None:
-        # Counts start at zero with supervisord, like the proxy's metrics: a previous run's file must not linger.
+        # Counts start at zero with supervisord, like the proxy's metrics: a previous run's file must not linger. A
+        # listener restarted by `appliance reload` under the same supervisord carries on counting.
+        pid, counts = read_restarts_file(restarts_file(self.cfg))
+        self.restarts = counts if pid == os.getppid() else {}
         self._write_restarts()
         while True:
             headers, payload = childutils.listener.wait(stdin, stdout)

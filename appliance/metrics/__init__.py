@@ -23,8 +23,13 @@ def restarts_file(cfg: ApplianceConfig) -> Path:
 
 def read_restarts(cfg: ApplianceConfig) -> dict[str, int]:
     """{program: restarts} as the listener last wrote it; empty before the first restart or without supervisord."""
-    with contextlib.suppress(OSError, ValueError):
-        counts = json.loads(restarts_file(cfg).read_text())
-        if isinstance(counts, dict):
-            return {str(k): int(v) for k, v in counts.items()}
-    return {}
+    return read_restarts_file(restarts_file(cfg))[1]
+
+
+def read_restarts_file(path: Path) -> tuple[int | None, dict[str, int]]:
+    """(pid of the supervisord the counts belong to, {program: restarts})."""
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        doc = json.loads(path.read_text())
+        counts = doc["counts"]
+        return int(doc["supervisord_pid"]), {str(k): int(v) for k, v in counts.items()}
+    return None, {}

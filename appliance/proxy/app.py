@@ -59,6 +59,8 @@ class Runtime:
             self.keys = tuple(k.encode() for k in read_api_keys(Path(cfg.server.api_keys_file)))
         self.in_flight = 0
         self.draining = False
+        #: The worker is on its way out (draining or retiring): every response closes its connection.
+        self.closing = False
         self.started = int(time.time())
         self.names: dict[str, ModelConfig] = {}
         for m in cfg.models:
@@ -391,6 +393,8 @@ class Middleware:
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
                                req_succeeded: bool) -> None:
         resp.set_header("X-Request-Id", req.context.request_id)
+        if self.rt.closing:
+            resp.set_header("Connection", "close")
         ex: Exchange = req.context.exchange
         ex.status = int(resp.status_code)
         ex.headers_s = time.perf_counter() - ex.t0

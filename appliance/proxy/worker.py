@@ -3,10 +3,17 @@
 On SIGTERM a plain uvicorn worker closes its listening socket at once, so a load balancer polling /health sees a
 refused connection instead of "draining". Here the first SIGTERM only flips the app to draining (503 on /health and on
 new work) and the worker exits once in-flight requests and streams have finished, or when the grace period ends.
+
+A worker that gunicorn replaces on SIGHUP (``appliance reload``) retires instead: new workers already serve on the same
+socket, so it closes its own copy of it, still serves what arrives on its open connections but closes each one after
+its response, and exits when its last connection is gone (see ``retire.py``). Closing idle connections itself would
+reset those accepted an instant before the socket closed, whose request is still on its way. Either way the main loop
+keeps ticking, so the arbiter keeps hearing from the worker and does not kill it for silence while a stream finishes.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from types import FrameType
@@ -16,6 +23,7 @@ from uvicorn.config import Config
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
+from appliance.proxy import retire
 from appliance.proxy.app import ProxyApp
 
 
@@ -25,6 +33,7 @@ class DrainingServer(Server):
         self._app = app
         self._grace_s = grace_s
         self._drain_started: float | None = None
+        self._retiring = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM:
@@ -33,14 +42,23 @@ class DrainingServer(Server):
             # graceful_timeout bounds a drain that never ends.
             if self._drain_started is None:
                 self._drain_started = time.monotonic()
-                self._app.runtime.draining = True
+                self._retiring = retire.is_marked(retire.retiring_file(self._app.runtime.cfg), os.getpid())
+                self._app.runtime.closing = True
+                if not self._retiring:
+                    self._app.runtime.draining = True
             return
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        # Runs on the event loop, not in the signal handler, where closing asyncio servers is not safe.
         if self._drain_started is not None:
-            idle = self._app.runtime.in_flight <= 0
-            if idle or time.monotonic() - self._drain_started >= self._grace_s:
+            if self._retiring:
+                for server in self.servers:
+                    server.close()  # idempotent
+                done = not self.server_state.connections
+            else:
+                done = self._app.runtime.in_flight <= 0
+            if done or time.monotonic() - self._drain_started >= self._grace_s:
                 self.should_exit = True
         return await super().on_tick(counter)
 

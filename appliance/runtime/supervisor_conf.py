@@ -1,14 +1,30 @@
-"""Generate the supervisord config from the appliance config (the TOML file stays the single source of truth)."""
+"""Generate the supervisord config from the appliance config (the TOML file stays the single source of truth).
+
+Each model, the exporter and the event listener carry a fingerprint of everything they read (their settings, and for a
+model the identity of its llama-server binary and model file) in their program section. supervisord's own
+``reloadConfig`` then sees exactly which programs changed, which is what ``appliance reload`` acts on. The proxy's
+section deliberately holds no settings: its workers re-read the config when gunicorn is sent SIGHUP, so a change of
+``[server]`` never has to stop the listening socket. Its fingerprint is kept next to the generated config instead.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import shlex
 import sys
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
-from appliance.config import ApplianceConfig
+from appliance.config import ApplianceConfig, ModelConfig
 from appliance.runtime.names import EVENTS_PROGRAM, EXPORTER_PROGRAM, PROXY_PROGRAM, program_name
+
+# By file name, not `python:appliance.gunicorn_conf`: gunicorn re-executes a config file on SIGHUP, whereas a module
+# stays cached in sys.modules and new workers would keep the old settings.
+GUNICORN_CONF = str(Path(__file__).resolve().parent.parent / "gunicorn_conf.py")
 
 
 def runtime_paths(cfg: ApplianceConfig) -> dict[str, Path]:
@@ -18,9 +34,51 @@ def runtime_paths(cfg: ApplianceConfig) -> dict[str, Path]:
         "conf": rt / "supervisord.conf",
         "socket": rt / "supervisor.sock",
         "pid": rt / "supervisord.pid",
-        "logs": rt / "logs",
+        "logs": cfg.log_dir,
         "events": rt / "events.jsonl",
+        "proxy_fingerprint": rt / "proxy.fingerprint",
     }
+
+
+def _digest(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_identity(path: str) -> list[int] | None:
+    """Size and modification time: a replaced binary or model file (a new inode, a new mtime) restarts its model."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def model_fingerprint(cfg: ApplianceConfig, m: ModelConfig) -> str:
+    files = [_file_identity(cfg.llama_server.binary), _file_identity(m.file)]
+    if m.mmproj:
+        files.append(_file_identity(m.mmproj))
+    sup = cfg.supervision
+    return _digest(dataclasses.asdict(m), dataclasses.asdict(cfg.llama_server), files,
+                   [sup.backoff_initial_s, sup.backoff_max_s, sup.runtime_dir])
+
+
+def _models_seen_by_others(cfg: ApplianceConfig) -> list[list[Any]]:
+    return [[m.name, m.kind, m.port] for m in cfg.models]
+
+
+def exporter_fingerprint(cfg: ApplianceConfig) -> str:
+    return _digest(version("appliance"), cfg.metrics.port, _models_seen_by_others(cfg), cfg.supervision.runtime_dir)
+
+
+def events_fingerprint(cfg: ApplianceConfig) -> str:
+    return _digest(version("appliance"), dataclasses.asdict(cfg.events), _models_seen_by_others(cfg),
+                   cfg.supervision.runtime_dir, str(cfg.log_dir))
+
+
+def proxy_fingerprint(cfg: ApplianceConfig) -> str:
+    """Everything the proxy workers read: a change means new workers (gunicorn SIGHUP), not a restart."""
+    return _digest(dataclasses.asdict(dataclasses.replace(cfg, source=None)))
 
 
 def _arg(value: str) -> str:
@@ -66,6 +124,7 @@ serverurl=unix://{p["socket"]}
         # The launcher execs llama-server, so TERM reaches it directly; the group kill is a safety net.
         parts.append(f"""[program:{name}]
 command={py} -m appliance run-model {_arg(m.name)} --config {config}
+environment=APPLIANCE_FINGERPRINT="{model_fingerprint(cfg, m)}"
 autostart=true
 autorestart=true
 startsecs={sup.stable_uptime_s}
@@ -79,8 +138,8 @@ priority=100
     # stopwaitsecs must exceed gunicorn's graceful_timeout (graceful_timeout_s + 5) or streams get cut by SIGKILL.
     stopwait = int(cfg.server.graceful_timeout_s) + 15
     parts.append(f"""[program:{PROXY_PROGRAM}]
-command={py} -m gunicorn -c python:appliance.gunicorn_conf
-environment=APPLIANCE_CONFIG={config}
+command={py} -m gunicorn -c {_arg(GUNICORN_CONF)}
+environment=APPLIANCE_CONFIG={config},APPLIANCE_VERSION="{version("appliance")}"
 autostart=true
 autorestart=true
 startsecs=2
@@ -92,6 +151,7 @@ priority=200
 {_log_settings(p["logs"], PROXY_PROGRAM)}""")
     parts.append(f"""[program:{EXPORTER_PROGRAM}]
 command={py} -m appliance.metrics.exporter --config {config}
+environment=APPLIANCE_FINGERPRINT="{exporter_fingerprint(cfg)}"
 autostart=true
 autorestart=true
 startsecs=1
@@ -101,6 +161,7 @@ priority=300
 {_log_settings(p["logs"], EXPORTER_PROGRAM)}""")
     parts.append(f"""[eventlistener:{EVENTS_PROGRAM}]
 command={py} -m appliance.events.listener --config {config}
+environment=APPLIANCE_FINGERPRINT="{events_fingerprint(cfg)}"
 events=PROCESS_STATE
 autostart=true
 autorestart=true
@@ -116,7 +177,13 @@ def write_supervisor_conf(cfg: ApplianceConfig, output: Path | None = None) -> P
     p["logs"].mkdir(parents=True, exist_ok=True)
     os.chmod(p["dir"], 0o750)
     target = output or p["conf"]
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(render(cfg))
-    tmp.replace(target)
+    _write_atomically(target, render(cfg))
+    if output is None:
+        _write_atomically(p["proxy_fingerprint"], proxy_fingerprint(cfg) + "\n")
     return target
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(target)

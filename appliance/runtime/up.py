@@ -13,7 +13,8 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from appliance.config import ApplianceConfig
+from appliance.config import ApplianceConfig, ConfigError, load
+from appliance.runtime.reload import ReloadError, reload
 from appliance.runtime.supervisor_conf import write_supervisor_conf
 
 
@@ -53,6 +54,23 @@ def busy_ports(cfg: ApplianceConfig) -> list[str]:
     return busy
 
 
+def _reload(cfg: ApplianceConfig) -> None:
+    assert cfg.source is not None
+    _say(f"SIGHUP: reloading {cfg.source}")
+    try:
+        report = reload(load(cfg.source))
+    except ConfigError as e:
+        for problem in e.problems:
+            _say(f"  {problem}")
+        _say("the config is invalid: nothing changed")
+        return
+    except ReloadError as e:
+        _say(f"reload failed: {e}")
+        return
+    for line in report.lines():
+        _say(f"reload: {line}")
+
+
 def run_up(cfg: ApplianceConfig) -> int:
     busy = busy_ports(cfg)
     if busy:
@@ -64,20 +82,27 @@ def run_up(cfg: ApplianceConfig) -> int:
     conf = write_supervisor_conf(cfg)
     supervisord = Path(sys.executable).with_name("supervisord")
     _say(f"supervisord config: {conf}")
-    proc = subprocess.Popen([str(supervisord), "-n", "-c", str(conf)])
+    # Its own process group: a terminal's Ctrl-C or hangup must not reach supervisord directly (a SIGHUP would make it
+    # restart every program); this process turns them into a clean stop or a reload.
+    proc = subprocess.Popen([str(supervisord), "-n", "-c", str(conf)], process_group=0)
 
     stopping = False
+    reload_wanted = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        # Ctrl-C reaches supervisord too (same process group); one SIGTERM from here is all it needs.
         nonlocal stopping
         if not stopping:
             stopping = True
             _say("stopping (waiting for streams to finish and every model to stop)")
             proc.send_signal(signal.SIGTERM)
 
+    def hup(signum: int, frame: FrameType | None) -> None:
+        nonlocal reload_wanted
+        reload_wanted = True
+
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, hup)
     host = cfg.server.bind[0]
     base = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.server.port}"
     _say(f"OpenAI API: {base}/v1  health: {base}/health  "
@@ -85,6 +110,9 @@ def run_up(cfg: ApplianceConfig) -> int:
     seen: dict[str, str] = {}
     announced = False
     while proc.poll() is None:
+        if reload_wanted and not stopping:
+            reload_wanted = False
+            _reload(cfg)
         doc = _health(base + "/health")
         models = doc.get("models") if doc else None
         if isinstance(models, dict):

@@ -1,0 +1,102 @@
+"""``appliance reload``: apply a changed config to a running appliance, touching only what changed.
+
+The order matters: the new config is validated before anything is written (an invalid one changes nothing), then the
+supervisord config is regenerated and supervisord is asked which program sections changed (``reloadConfig``). Each
+model's section carries a fingerprint of its settings and files, so an unchanged model keeps its process while a
+changed one restarts. Removed programs stop first, so that their ports are free for added ones. The proxy is never
+stopped for a settings change: gunicorn re-reads its config on SIGHUP, starts new workers on the same socket and retires
+the old ones after their in-flight requests (see ``appliance/proxy/retire.py``).
+"""
+
+from __future__ import annotations
+
+import xmlrpc.client
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.config import ApplianceConfig
+from appliance.runtime import supervisor_rpc
+from appliance.runtime.names import PROXY_PROGRAM
+from appliance.runtime.supervisor_conf import proxy_fingerprint, runtime_paths, write_supervisor_conf
+
+
+class ReloadError(RuntimeError):
+    pass
+
+
+@dataclass
+class ReloadReport:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    #: True when the proxy got SIGHUP (new workers with the new settings, old ones retire).
+    proxy_workers_replaced: bool = False
+
+    def lines(self) -> list[str]:
+        out = [f"{verb} {', '.join(names)}" for verb, names in
+               (("started", self.added), ("stopped", self.removed), ("restarted", self.restarted)) if names]
+        if self.proxy_workers_replaced:
+            out.append(f"replaced the {PROXY_PROGRAM} workers (in-flight requests finish on the old ones)")
+        return out or ["nothing changed"]
+
+
+def _running_runtime_dir(conf: Path) -> str | None:
+    """The runtime_dir of the supervisord config in force: changing it means another supervisord, not a reload."""
+    try:
+        text = conf.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("file=") and line.endswith("supervisor.sock"):
+            return str(Path(line.removeprefix("file=")).parent)
+    return None
+
+
+def reload(cfg: ApplianceConfig) -> ReloadReport:
+    """Apply ``cfg`` (already validated) to the supervisord that runs from its runtime_dir."""
+    paths = runtime_paths(cfg)
+    rpc = supervisor_rpc.server(paths["socket"])
+    try:
+        rpc.supervisor.getPID()
+    except (OSError, xmlrpc.client.Fault) as e:
+        raise ReloadError(f"no running appliance answers on {paths['socket']} ({e}); start it first "
+                          "(systemctl start appliance, or appliance up)") from e
+    running = _running_runtime_dir(paths["conf"])
+    if running is not None and running != str(paths["dir"]):
+        raise ReloadError(f"supervision.runtime_dir changed ({running} -> {paths['dir']}): restart the appliance")
+    try:
+        old_proxy = paths["proxy_fingerprint"].read_text().strip()
+    except OSError:
+        old_proxy = ""
+    write_supervisor_conf(cfg)
+    report = ReloadReport()
+    try:
+        added, changed, removed = rpc.supervisor.reloadConfig()[0]
+        for name in sorted(removed):
+            _stop(rpc, name)
+            rpc.supervisor.removeProcessGroup(name)
+            report.removed.append(name)
+        for name in sorted(changed):
+            _stop(rpc, name)
+            rpc.supervisor.removeProcessGroup(name)
+            rpc.supervisor.addProcessGroup(name)
+            report.restarted.append(name)
+        for name in sorted(added):
+            rpc.supervisor.addProcessGroup(name)
+            report.added.append(name)
+        if PROXY_PROGRAM not in changed and old_proxy != proxy_fingerprint(cfg):
+            rpc.supervisor.signalProcess(PROXY_PROGRAM, "HUP")
+            report.proxy_workers_replaced = True
+    except xmlrpc.client.Fault as e:
+        raise ReloadError(f"supervisord refused: {e.faultString}") from e
+    return report
+
+
+def _stop(rpc: Any, group: str) -> None:
+    try:
+        rpc.supervisor.stopProcessGroup(group)
+    except xmlrpc.client.Fault as e:
+        # A program that is not running (FATAL, already stopped) has nothing to stop.
+        if "NOT_RUNNING" not in e.faultString:
+            raise
