@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from appliance.runtime.supervisor_conf import GUNICORN_CONF
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -82,7 +84,7 @@ class Proxy:
         env = {**os.environ, "APPLIANCE_CONFIG": str(self.config_path)}
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "python:appliance.gunicorn_conf"],
+                [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
             )
         deadline = time.monotonic() + 30

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,23 @@ def test_exit_reason_comes_from_supervisords_log(tree: Path) -> None:  # noqa: F
     assert listener._exit("model-emb") == {"exit_status": 3}
     assert listener._exit("model-chat-2") == {"exit_signal": "SIGSEGV"}
     assert listener._exit("proxy") == {}
+
+
+def test_restart_counts_survive_a_listener_restart_but_not_a_new_supervisord(tree: Path) -> None:  # noqa: F811
+    doc = base_doc(tree)
+    doc["supervision"] = {"runtime_dir": str(tree / "run")}
+    (tree / "run").mkdir()
+    counts = tree / "run" / "restarts.json"
+    eof = io.StringIO("")  # the protocol loop ends at once: only the start-up bookkeeping runs
+
+    def start_listener() -> dict[str, int]:
+        listener = Listener(parse(doc, tree))
+        with pytest.raises((EOFError, KeyError, ValueError)):
+            listener.run(eof, io.StringIO())
+        return listener.restarts
+
+    counts.write_text(json.dumps({"supervisord_pid": os.getppid(), "counts": {"model-chat": 2}}))
+    assert start_listener() == {"model-chat": 2}  # restarted by `appliance reload`: same supervisord
+    counts.write_text(json.dumps({"supervisord_pid": os.getppid() + 1, "counts": {"model-chat": 2}}))
+    assert start_listener() == {}  # a new supervisord: counting starts again
+    assert json.loads(counts.read_text()) == {"supervisord_pid": os.getppid(), "counts": {}}

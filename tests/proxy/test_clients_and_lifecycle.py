@@ -147,3 +147,58 @@ def test_sigterm_drains_streams_and_reports_draining(tmp_path: Path) -> None:
         p.stop()
         chat.stop()
         embed.stop()
+
+
+def test_sighup_replaces_workers_without_refusing_or_draining(tmp_path: Path) -> None:
+    """What `appliance reload` does to the proxy: new workers with the new settings, old ones retire quietly."""
+    chat, embed = StubLlama(free_port()), StubLlama(free_port())
+    chat.start()
+    embed.start()
+    doc = stub_config(tmp_path, chat.port, embed.port, workers=1, graceful_timeout_s=20)
+    config = write_config(tmp_path / "appliance.toml", doc)
+    p = Proxy(config, doc["server"]["port"]).start()
+    assert p.proc is not None
+    arbiter = p.proc.pid
+
+    def workers() -> set[int]:
+        return {int(x) for x in Path(f"/proc/{arbiter}/task/{arbiter}/children").read_text().split()}
+
+    old = workers()
+    received: list[bytes] = []
+
+    def consume() -> None:
+        body = json.dumps({"stub": "stream", "n": 12, "delay": 0.25}).encode()
+        with httpx.stream("POST", p.url + "/v1/chat/completions", content=body, timeout=30) as r:
+            received.extend(r.iter_raw())
+
+    t = threading.Thread(target=consume)
+    kept = httpx.Client(base_url=p.url)
+    try:
+        assert kept.get("/v1/models").status_code == 200  # a kept-alive connection to the old worker
+        t.start()
+        while not received:
+            time.sleep(0.02)
+        write_config(config, {**doc, "server": {**doc["server"], "workers": 2}})
+        os.kill(arbiter, signal.SIGHUP)
+        statuses: list[int | str] = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (len(workers() - old) < 2 or workers() & old):
+            try:
+                statuses.append(httpx.get(p.url + "/health", timeout=5).status_code)
+            except httpx.HTTPError as e:
+                statuses.append(repr(e))
+            time.sleep(0.02)
+        new = workers()
+        assert len(new) == 2 and not new & old, (old, new)
+        assert statuses and set(statuses) == {200}, statuses
+        t.join(20)
+        assert b"".join(received).endswith(b"data: [DONE]\n\n")
+        # The old worker served the kept connection's next request, if it got there first, and closed it; either way
+        # the client is served, by a new worker on a new connection at the latest.
+        assert kept.get("/v1/models").status_code == 200
+        assert kept.get("/v1/models").status_code == 200
+    finally:
+        kept.close()
+        p.stop()
+        chat.stop()
+        embed.stop()

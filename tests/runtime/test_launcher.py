@@ -13,7 +13,7 @@ import pytest
 
 from appliance.config import ApplianceConfig, parse
 from appliance.runtime.launcher import LaunchError, backoff_delay, build_argv, child_env
-from appliance.runtime.supervisor_conf import render
+from appliance.runtime.supervisor_conf import GUNICORN_CONF, proxy_fingerprint, render
 from tests.config.test_config import base_doc, tree  # noqa: F401  (fixture)
 from tests.helpers import REPO, render_toml
 
@@ -153,7 +153,7 @@ def test_supervisor_conf(cfg: ApplianceConfig) -> None:
 
 def test_gunicorn_config_is_accepted_by_gunicorn(cfg: ApplianceConfig) -> None:
     assert cfg.source is not None
-    r = subprocess.run([sys.executable, "-m", "gunicorn", "--check-config", "-c", "python:appliance.gunicorn_conf"],
+    r = subprocess.run([sys.executable, "-m", "gunicorn", "--check-config", "-c", GUNICORN_CONF],
                        capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "APPLIANCE_CONFIG": str(cfg.source)})
     assert r.returncode == 0, r.stderr
@@ -189,3 +189,46 @@ def test_supervisord_parses_odd_names_and_paths(tree: Path) -> None:  # noqa: F8
     argv = shlex.split(programs["model-org_model_v1_50_"].command)
     assert argv[-4:] == ["run-model", "org/model:v1 50%", "--config", str(path)]
     assert programs["proxy"].environment["APPLIANCE_CONFIG"] == str(path)
+
+
+def _sections(cfg: ApplianceConfig) -> dict[str, dict[str, str]]:
+    parser = configparser.RawConfigParser()
+    parser.read_string(render(cfg))
+    return {name: dict(parser[name]) for name in parser.sections()}
+
+
+def test_a_change_shows_in_the_sections_of_the_programs_that_read_it(cfg: ApplianceConfig, tree: Path) -> None:  # noqa: F811
+    """What `appliance reload` relies on: supervisord restarts exactly the programs whose section changed."""
+    before = _sections(cfg)
+
+    def changed(new: ApplianceConfig) -> set[str]:
+        after = _sections(new)
+        return {name.split(":")[1] for name in after if after[name] != before.get(name)}
+
+    chat, emb = cfg.models[0], cfg.models[1]
+    bigger = dataclasses.replace(cfg, models=(dataclasses.replace(chat, ctx_size=8192), *cfg.models[1:]))
+    assert changed(bigger) == {"model-chat"}
+    moved = dataclasses.replace(cfg, models=(chat, dataclasses.replace(emb, port=11499), cfg.models[2]))
+    assert changed(moved) == {"model-emb", "exporter", "events"}  # both talk to the model's port
+    server = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, workers=7, request_timeout_s=5))
+    assert changed(server) == set()  # the proxy replaces its workers on SIGHUP instead
+    assert proxy_fingerprint(server) != proxy_fingerprint(cfg)
+    metrics = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, port=9999))
+    assert changed(metrics) == {"exporter"}
+    events = dataclasses.replace(cfg, events=dataclasses.replace(cfg.events, batch_size=5))
+    assert changed(events) == {"events"}
+    # A new llama-server binary (a new file in place) restarts every model, nothing else.
+    binary = Path(cfg.llama_server.binary)
+    binary.unlink()
+    binary.write_text("#!/bin/sh\n")
+    assert changed(cfg) == {"model-chat", "model-emb", "model-vision"}
+
+
+def test_log_dir(tree: Path) -> None:  # noqa: F811
+    doc = base_doc(tree)
+    doc["supervision"] = {"runtime_dir": str(tree / "run")}
+    assert parse(doc, tree).log_dir == tree / "run" / "logs"
+    doc["supervision"]["log_dir"] = "logs"
+    cfg = parse(doc, tree)
+    assert cfg.log_dir == tree / "logs"
+    assert f"logfile={tree / 'logs' / 'supervisord.log'}" in render(dataclasses.replace(cfg, source=tree / "a.toml"))
