@@ -76,9 +76,17 @@ def events_fingerprint(cfg: ApplianceConfig) -> str:
                    cfg.supervision.runtime_dir, str(cfg.log_dir))
 
 
+def _file_digest(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def proxy_fingerprint(cfg: ApplianceConfig) -> str:
-    """Everything the proxy workers read: a change means new workers (gunicorn SIGHUP), not a restart."""
-    return _digest(dataclasses.asdict(dataclasses.replace(cfg, source=None)))
+    """Everything the proxy workers read, the API keys included: a change means new workers (gunicorn SIGHUP)."""
+    secrets = [_file_digest(f) for f in (cfg.server.api_keys_file, cfg.events.token_file) if f]
+    return _digest(dataclasses.asdict(dataclasses.replace(cfg, source=None)), secrets)
 
 
 def _arg(value: str) -> str:

@@ -213,6 +213,12 @@ def test_a_change_shows_in_the_sections_of_the_programs_that_read_it(cfg: Applia
     server = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, workers=7, request_timeout_s=5))
     assert changed(server) == set()  # the proxy replaces its workers on SIGHUP instead
     assert proxy_fingerprint(server) != proxy_fingerprint(cfg)
+    keys = tree / "keys"
+    keys.write_text("sk-old\n")
+    keyed = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, api_keys_file=str(keys)))
+    before_rotation = proxy_fingerprint(keyed)
+    keys.write_text("sk-new\n")
+    assert proxy_fingerprint(keyed) != before_rotation  # rotating keys in place replaces the workers
     metrics = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, port=9999))
     assert changed(metrics) == {"exporter"}
     events = dataclasses.replace(cfg, events=dataclasses.replace(cfg.events, batch_size=5))
