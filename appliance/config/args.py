@@ -26,6 +26,8 @@ REFUSED: dict[str, str] = {
     "--ssl-key-file": "TLS is terminated in front of the proxy, not by llama-server",
     "--ssl-cert-file": "TLS is terminated in front of the proxy, not by llama-server",
     "--path": "llama-server must not serve static files",
+    "--alias": "the launcher sets it to models[].name (more names: models[].aliases)",
+    "-a": "the launcher sets it to models[].name (more names: models[].aliases)",
     "--mmproj": "set models[].mmproj",
     "-ngl": "set models[].gpu_layers",
     "--n-gpu-layers": "set models[].gpu_layers",

@@ -60,6 +60,8 @@ def build_argv(cfg: ApplianceConfig, model: ModelConfig) -> list[str]:
     argv = [
         str(resolve_binary(cfg)),
         "--model", str(resolve_model_file(cfg, model.file)),
+        # Responses name the model as clients know it, never the file's path on this host.
+        "--alias", model.name,
         "--host", "127.0.0.1",
         "--port", str(model.port),
         "--ctx-size", str(model.ctx_size),

@@ -43,6 +43,7 @@ def test_chat_completion_with_openai_sdk(appliance: Appliance) -> None:
         seed=1)
     assert out.choices[0].message.content
     assert out.usage is not None and out.usage.completion_tokens > 0
+    assert out.model == "gemma-3-270m"  # the name the client asked for, never the model file's path
 
 
 def test_streamed_chat_completion(appliance: Appliance) -> None:
