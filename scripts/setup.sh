@@ -16,6 +16,11 @@ need=()
 [[ "$extra" == dev* ]] && ! command -v promtool >/dev/null && need+=(prometheus)
 # ip (iproute2) lists this host's addresses for the loopback-only exporter test.
 [[ "$extra" == dev* ]] && ! command -v ip >/dev/null && need+=(iproute2)
+# The deployment tests' container lab (tests/deploy/lab.py, runs as root): mmdebstrap builds the image, nspawn boots it.
+[[ "$extra" == dev* ]] && ! command -v mmdebstrap >/dev/null && need+=(mmdebstrap)
+[[ "$extra" == dev* ]] && ! command -v systemd-nspawn >/dev/null && need+=(systemd-container)
+[[ "$extra" == dev* ]] && ! command -v zstd >/dev/null && need+=(zstd)
+[[ "$extra" == dev* ]] && ! command -v ssh >/dev/null && need+=(openssh-client)
 command -v cmake >/dev/null || need+=(cmake)
 command -v c++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)

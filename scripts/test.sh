@@ -8,6 +8,8 @@ echo "[test] ruff"
 .venv/bin/ruff check .
 echo "[test] mypy"
 .venv/bin/mypy
+echo "[test] ansible-lint (production profile) and playbook syntax"
+(cd ansible && export PATH="$PWD/../.venv/bin:$PATH" && ansible-lint -q && ansible-playbook --syntax-check -i inventories/example site.yml)
 echo "[test] pytest"
 # pytest exits 5 when it collected no test: that is a failure here too, and set -e makes it one.
 .venv/bin/python -m pytest "$@"

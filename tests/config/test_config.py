@@ -194,8 +194,9 @@ def test_kind_and_pooling_values(tree: Path) -> None:
     assert any(p.startswith("models[1].pooling:") for p in got)
 
 
-@pytest.mark.parametrize("args", [["--host", "0.0.0.0"], ["--alias", "other"], ["--port", "1"], ["-m", "x"], ["--api-key", "k"],
-                                  ["--api-key-file", "f"], ["--model-url", "u"], ["--lora", "x"], ["--rpc", "h"],
+@pytest.mark.parametrize("args", [["--host", "0.0.0.0"], ["--alias", "other"], ["--port", "1"], ["-m", "x"],
+                                  ["--api-key", "k"], ["--api-key-file", "f"], ["--model-url", "u"], ["--lora", "x"],
+                                  ["--rpc", "h"],
                                   ["--ssl-key-file", "k"], ["--path", "/"], ["--mmproj", "x"], ["-ngl", "9"],
                                   ["--host=0.0.0.0"], ["--totally-unknown"], ["stray"], ["--temp"]])
 def test_refused_extra_args(args: list[str]) -> None:

@@ -37,8 +37,9 @@ def cfg(tree: Path) -> ApplianceConfig:  # noqa: F811
 def test_chat_argv(cfg: ApplianceConfig, tree: Path) -> None:  # noqa: F811
     argv = build_argv(cfg, cfg.models[0])
     assert argv == [str(tree / "bin" / "llama-server"), "--model", str(tree / "models" / "m.gguf"),
-                    "--alias", "chat", "--host", "127.0.0.1", "--port", "11436", "--ctx-size", "4096", "--n-gpu-layers", "0",
-                    "--threads", "2", "--parallel", "2", "--metrics", "--no-webui", "--flash-attn", "on"]
+                    "--alias", "chat", "--host", "127.0.0.1", "--port", "11436", "--ctx-size", "4096",
+                    "--n-gpu-layers", "0", "--threads", "2", "--parallel", "2", "--metrics", "--no-webui",
+                    "--flash-attn", "on"]
 
 
 def test_embed_argv(cfg: ApplianceConfig) -> None:
