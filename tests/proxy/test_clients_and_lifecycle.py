@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -114,25 +116,44 @@ def test_dead_child_gives_502_then_503_and_other_model_still_serves(tmp_path: Pa
         embed.stop()
 
 
-def test_sigterm_drains_streams_and_reports_draining(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def one_worker_proxy(tmp_path: Path) -> Iterator[tuple[Proxy, dict[str, Any], Path]]:
     chat, embed = StubLlama(free_port()), StubLlama(free_port())
     chat.start()
     embed.start()
     doc = stub_config(tmp_path, chat.port, embed.port, workers=1, graceful_timeout_s=20)
-    p = Proxy(write_config(tmp_path / "appliance.toml", doc), doc["server"]["port"]).start()
-    assert p.proc is not None
+    config = write_config(tmp_path / "appliance.toml", doc)
+    p = Proxy(config, doc["server"]["port"]).start()
+    try:
+        yield p, doc, config
+    finally:
+        p.stop()
+        chat.stop()
+        embed.stop()
+
+
+def stream_under_way(p: Proxy, events: int) -> tuple[threading.Thread, list[bytes]]:
+    """A stub stream of ``events`` events 0.25 s apart, consumed in a thread; returns once its first bytes arrived."""
     received: list[bytes] = []
 
     def consume() -> None:
-        body = json.dumps({"stub": "stream", "n": 10, "delay": 0.25}).encode()
+        body = json.dumps({"stub": "stream", "n": events, "delay": 0.25}).encode()
         with httpx.stream("POST", p.url + "/v1/chat/completions", content=body, timeout=30) as r:
             received.extend(r.iter_raw())
 
     t = threading.Thread(target=consume)
     t.start()
-    try:
-        while not received:
-            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert received, "the stream never started"
+    return t, received
+
+
+def test_sigterm_drains_streams_and_reports_draining(tmp_path: Path) -> None:
+    with one_worker_proxy(tmp_path) as (p, _, _):
+        assert p.proc is not None
+        t, received = stream_under_way(p, 10)
         # As supervisord stops it (stopasgroup): the arbiter and every worker get SIGTERM at once.
         os.killpg(p.proc.pid, signal.SIGTERM)
         time.sleep(0.5)
@@ -143,41 +164,20 @@ def test_sigterm_drains_streams_and_reports_draining(tmp_path: Path) -> None:
         t.join(20)
         assert b"".join(received).endswith(b"data: [DONE]\n\n")
         assert p.proc.wait(15) == 0
-    finally:
-        p.stop()
-        chat.stop()
-        embed.stop()
 
 
 def test_sighup_replaces_workers_without_refusing_or_draining(tmp_path: Path) -> None:
     """What `appliance reload` does to the proxy: new workers with the new settings, old ones retire quietly."""
-    chat, embed = StubLlama(free_port()), StubLlama(free_port())
-    chat.start()
-    embed.start()
-    doc = stub_config(tmp_path, chat.port, embed.port, workers=1, graceful_timeout_s=20)
-    config = write_config(tmp_path / "appliance.toml", doc)
-    p = Proxy(config, doc["server"]["port"]).start()
-    assert p.proc is not None
-    arbiter = p.proc.pid
+    with one_worker_proxy(tmp_path) as (p, doc, config), httpx.Client(base_url=p.url) as kept:
+        assert p.proc is not None
+        arbiter = p.proc.pid
 
-    def workers() -> set[int]:
-        return {int(x) for x in Path(f"/proc/{arbiter}/task/{arbiter}/children").read_text().split()}
+        def workers() -> set[int]:
+            return {int(x) for x in Path(f"/proc/{arbiter}/task/{arbiter}/children").read_text().split()}
 
-    old = workers()
-    received: list[bytes] = []
-
-    def consume() -> None:
-        body = json.dumps({"stub": "stream", "n": 12, "delay": 0.25}).encode()
-        with httpx.stream("POST", p.url + "/v1/chat/completions", content=body, timeout=30) as r:
-            received.extend(r.iter_raw())
-
-    t = threading.Thread(target=consume)
-    kept = httpx.Client(base_url=p.url)
-    try:
+        old = workers()
         assert kept.get("/v1/models").status_code == 200  # a kept-alive connection to the old worker
-        t.start()
-        while not received:
-            time.sleep(0.02)
+        t, received = stream_under_way(p, 12)
         write_config(config, {**doc, "server": {**doc["server"], "workers": 2}})
         os.kill(arbiter, signal.SIGHUP)
         statuses: list[int | str] = []
@@ -197,8 +197,3 @@ def test_sighup_replaces_workers_without_refusing_or_draining(tmp_path: Path) ->
         # the client is served, by a new worker on a new connection at the latest.
         assert kept.get("/v1/models").status_code == 200
         assert kept.get("/v1/models").status_code == 200
-    finally:
-        kept.close()
-        p.stop()
-        chat.stop()
-        embed.stop()
