@@ -3,7 +3,7 @@
 The order matters: the new config is validated before anything is written (an invalid one changes nothing), then the
 supervisord config is regenerated and supervisord is asked which program sections changed (``reloadConfig``). Each
 model's section carries a fingerprint of its settings and files, so an unchanged model keeps its process while a
-changed one restarts. Removed programs stop first, so that their ports are free for added ones. The proxy is never
+changed one restarts. Removed programs stop before added ones start, so that their ports are free. The proxy is never
 stopped for a settings change: gunicorn re-reads its config on SIGHUP, starts new workers on the same socket and retires
 the old ones after their in-flight requests (see ``appliance/proxy/retire.py``).
 """
@@ -73,6 +73,10 @@ def reload(cfg: ApplianceConfig) -> ReloadReport:
     report = ReloadReport()
     try:
         added, changed, removed = rpc.supervisor.reloadConfig()[0]
+        # New proxy workers first: from then on a removed model is unknown (404) rather than unreachable (502).
+        if PROXY_PROGRAM not in changed and old_proxy != proxy_fingerprint(cfg):
+            rpc.supervisor.signalProcess(PROXY_PROGRAM, "HUP")
+            report.proxy_workers_replaced = True
         for name in sorted(removed):
             _stop(rpc, name)
             rpc.supervisor.removeProcessGroup(name)
@@ -85,9 +89,6 @@ def reload(cfg: ApplianceConfig) -> ReloadReport:
         for name in sorted(added):
             rpc.supervisor.addProcessGroup(name)
             report.added.append(name)
-        if PROXY_PROGRAM not in changed and old_proxy != proxy_fingerprint(cfg):
-            rpc.supervisor.signalProcess(PROXY_PROGRAM, "HUP")
-            report.proxy_workers_replaced = True
     except xmlrpc.client.Fault as e:
         raise ReloadError(f"supervisord refused: {e.faultString}") from e
     return report

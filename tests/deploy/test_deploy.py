@@ -6,6 +6,7 @@ first, then the deploy, then changes to it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -201,6 +202,25 @@ def test_changing_one_model_restarts_only_it(deployment: Deployment) -> None:
     assert {k: v for k, v in after.items() if k != "model-second"} == \
         {k: v for k, v in before.items() if k != "model-second"}
     deployment.wait_health()
+
+
+def test_a_model_that_cannot_load_fails_the_play_with_its_state(deployment: Deployment) -> None:
+    broken = deployment.tmp / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(range(256)) * 4096)  # a GGUF magic, then garbage: llama-server exits
+    gemma = REPO / ".appliance/models/gemma-3-270m-q4_k_m.gguf"
+    files = [{"file": gemma.name, "src": str(gemma), "sha256": hashlib.sha256(gemma.read_bytes()).hexdigest()},
+             {"file": broken.name, "src": str(broken), "sha256": hashlib.sha256(broken.read_bytes()).hexdigest()}]
+    models = [*deployment.vars["appliance_models"],
+              {"name": "broken", "file": broken.name, "kind": "chat", "port": 11438, "threads": 1}]
+    r = deployment.play(overrides={"appliance_models_files": files, "appliance_models": models,
+                                   "appliance_health_timeout_s": 20})
+    assert r.rc != 0
+    assert re.search(r"node1: the appliance did not become healthy within 20 s .*HTTP 503", r.output), r.output[-3000:]
+    assert re.search(r"Model broken: (loading|restarting|failed) since", r.output), r.output[-3000:]
+    assert "Model gemma:" not in r.output and "Model second:" not in r.output  # only the failing model is named
+    # Taking it out again heals the host; the other models kept serving all along.
+    deployment.play().ok()
+    assert set(deployment.wait_health()["models"]) == {"gemma", "second"}
 
 
 def test_systemctl_stop_lets_a_stream_finish_and_leaves_nothing(deployment: Deployment) -> None:
