@@ -53,6 +53,9 @@ PACKAGES = (
     "sudo",
     "libgomp1",
     "haproxy",
+    # tests/deploy/test_fleet.py: the fleet's metrics (agents and the central Prometheus) and the HAProxy admin socket.
+    "prometheus",
+    "socat",
 )
 RECIPE_VERSION = "1"  # bump when the image recipe below changes
 SUITE = "bookworm"
@@ -379,11 +382,18 @@ def _bridges() -> list[str]:
     return sorted(p.name for p in Path("/sys/class/net").glob(f"{BRIDGE_PREFIX}*") if (p / "bridge").is_dir())
 
 
+def _veths() -> list[str]:
+    """Host ends of nspawn's veth pairs: one can outlive its container while the kernel is slow to free the network
+    namespace, and would then make the next container of that name fail ("vb-NAME: File exists")."""
+    return sorted(p.name for p in Path("/sys/class/net").glob("vb-*"))
+
+
 def leftovers() -> list[str]:
     """Every lab resource on this machine (empty when no lab runs and nothing leaked); each names its lab's prefix."""
     found = [f"nspawn pid {p} {root}" for p, root in _nspawn_pids().items() if _alive(p)]
     found += [f"mount {m}" for m in _mounts_under(WORK_ROOT)]
     found += [f"bridge {b}" for b in _bridges()]
+    found += [f"veth {v}" for v in _veths()]
     found += [f"cgroup {c}" for c in _lab_cgroups()]
     found += [f"dir {d}" for d in sorted(WORK_ROOT.glob("*"))] if WORK_ROOT.is_dir() else []
     return found
@@ -415,6 +425,8 @@ def sweep(stop_timeout: float = 15.0) -> list[str]:
     attempt(_unmount_all, WORK_ROOT)
     for br in _bridges():
         attempt(_run, ["ip", "link", "del", br], timeout=30)
+    for veth in _veths():
+        attempt(_run, ["ip", "link", "del", veth], timeout=30)
     for group in groups:
         for sub, _, _ in sorted(os.walk(group), key=lambda w: len(w[0]), reverse=True):
             attempt(os.rmdir, sub)
