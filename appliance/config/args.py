@@ -41,6 +41,10 @@ REFUSED: dict[str, str] = {
     "--embedding": "set models[].kind = \"embed\"",
     "--embeddings": "set models[].kind = \"embed\"",
     "--pooling": "set models[].pooling",
+    "--rerank": "set models[].kind = \"rerank\"",
+    "--reranking": "set models[].kind = \"rerank\"",
+    "--chat-template": "set models[].chat_template",
+    "--chat-template-file": "set models[].chat_template (a .jinja file under models_dir)",
     "--metrics": "always on",
     "--no-webui": "always on",
     "--webui": "the web UI stays off",
@@ -68,7 +72,6 @@ ALLOWED_WITH_VALUE = frozenset({
     "--temp", "--top-k", "--top-p", "--min-p", "--typical", "--repeat-penalty", "--repeat-last-n",
     "--presence-penalty", "--frequency-penalty", "--seed", "-s", "--n-predict", "-n", "--predict", "--mirostat",
     "--mirostat-lr", "--mirostat-ent", "--dry-multiplier", "--samplers", "--reasoning-format", "--reasoning-budget",
-    "--chat-template",
     # rope
     "--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
     "--yarn-ext-factor", "--yarn-attn-factor", "--yarn-beta-slow", "--yarn-beta-fast",

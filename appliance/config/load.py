@@ -6,7 +6,9 @@ all at once and an operator fixes the file in one pass. Nothing here starts proc
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields, replace
@@ -26,8 +28,24 @@ from appliance.config.model import (
 )
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
-KINDS = ("chat", "embed")
+KINDS = ("chat", "embed", "rerank")
+# A key's name: what metrics and events show instead of the key.
+_KEY_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 POOLINGS = ("none", "mean", "cls", "last", "rank")
+# llama-server's built-in chat templates (``llama-server --help``, pinned version); anything else is a .jinja file.
+CHAT_TEMPLATES = frozenset({
+    "bailing", "bailing-think", "bailing2", "chatglm3", "chatglm4", "chatml", "command-r", "deepseek", "deepseek-ocr",
+    "deepseek2", "deepseek3", "exaone-moe", "exaone3", "exaone4", "falcon3", "gemma", "gigachat", "glmedge",
+    "gpt-oss", "granite", "granite-4.0", "granite-4.1", "grok-2", "hunyuan-dense", "hunyuan-moe", "hunyuan-vl",
+    "kimi-k2", "llama2", "llama2-sys", "llama2-sys-bos", "llama2-sys-strip", "llama3", "llama4", "megrez", "minicpm",
+    "mistral-v1", "mistral-v3", "mistral-v3-tekken", "mistral-v7", "mistral-v7-tekken", "monarch", "openchat",
+    "orion", "pangu-embedded", "phi3", "phi4", "rwkv-world", "seed_oss", "smolvlm", "solar-open", "vicuna",
+    "vicuna-orca", "yandex", "zephyr",
+})
+
+
+def is_template_file(text: str) -> bool:
+    return text.endswith(".jinja")
 
 
 class ConfigError(ValueError):
@@ -80,7 +98,7 @@ def _section(cls: type, raw: Any, prefix: str, problems: _Problems, required: tu
         if f.name == "source":
             continue
         default = f.default if f.default is not MISSING else None
-        types[f.name] = type(default) if default is not None else (int if f.name == "port" else str)
+        types[f.name] = type(default) if default is not None else (int if f.name in ("port", "max_queue") else str)
     known = ", ".join(sorted(types))
     out: dict[str, Any] = {}
     for key, value in raw.items():
@@ -129,10 +147,34 @@ def _resolve(base: Path, text: str) -> Path:
     return p.resolve()
 
 
-def read_api_keys(path: Path) -> list[str]:
-    """One key per line; blank lines and lines starting with '#' are ignored."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+def key_label(key: str) -> str:
+    """The name of a key given without one: a short hash, stable and safe to show."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def read_api_keys(path: Path) -> dict[str, str]:
+    """``{key: name}``. One key per line, ``name: key`` or a bare key (named by a short hash of itself); blank lines
+    and lines starting with '#' are ignored. Raises ValueError naming the line of a malformed entry."""
+    keys: dict[str, str] = {}
+    names: set[str] = set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        name, sep, key = text.partition(":")
+        if sep and _KEY_NAME.match(name.strip()) and key.strip():
+            name, key = name.strip(), key.strip()
+        else:
+            name, key = key_label(text), text
+        if any(c.isspace() for c in key):
+            raise ValueError(f"line {n}: a key must not contain spaces (write 'name: key' or the bare key)")
+        if key in keys:
+            raise ValueError(f"line {n}: this key is already listed (as {keys[key]!r})")
+        if name in names:
+            raise ValueError(f"line {n}: the name {name!r} is already used by another key")
+        keys[key] = name
+        names.add(name)
+    return keys
 
 
 def _check_server(server: ServerConfig, base: Path, problems: _Problems) -> None:
@@ -156,16 +198,28 @@ def _check_server(server: ServerConfig, base: Path, problems: _Problems) -> None
         keys_path = _resolve(base, server.api_keys_file)
         try:
             if not read_api_keys(keys_path):
-                problems.add("server.api_keys_file", f"{keys_path} holds no key (one key per line)")
+                problems.add("server.api_keys_file", f"{keys_path} holds no key (one 'name: key' per line)")
         except OSError as e:
             problems.add("server.api_keys_file", f"cannot read {keys_path}: {e.strerror}")
+        except ValueError as e:
+            problems.add("server.api_keys_file", f"{keys_path}, {e}")
     if server.workers < 1:
         problems.add("server.workers", "must be at least 1")
     if not 0 < server.body_limit_bytes <= BODY_LIMIT_MAX:
         problems.add("server.body_limit_bytes", f"must be between 1 and {BODY_LIMIT_MAX} (256 MiB)")
-    for key in ("request_timeout_s", "graceful_timeout_s"):
+    for key in ("request_timeout_s", "graceful_timeout_s", "header_timeout_s", "body_idle_timeout_s"):
         if getattr(server, key) <= 0:
             problems.add(f"server.{key}", "must be greater than 0")
+    for key, low in (("max_header_bytes", 1024), ("max_url_bytes", 256), ("max_headers", 8),
+                     ("max_connections_per_worker", 1)):
+        if getattr(server, key) < low:
+            problems.add(f"server.{key}", f"must be at least {low}")
+    if server.max_url_bytes > server.max_header_bytes:
+        problems.add("server.max_url_bytes", "must not exceed server.max_header_bytes (the URL is part of the head)")
+    for i, origin in enumerate(server.cors_allow_origins):
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+            problems.add(f"server.cors_allow_origins[{i}]",
+                         f"{origin!r} is not an origin (scheme://host[:port], no path, e.g. https://app.example)")
 
 
 def _check_paths(cfg: ApplianceConfig, base: Path, problems: _Problems) -> None:
@@ -186,9 +240,9 @@ def _check_paths(cfg: ApplianceConfig, base: Path, problems: _Problems) -> None:
     if not models_dir.is_dir():
         problems.add("llama_server.models_dir", f"{models_dir} is not a directory")
     for i, m in enumerate(cfg.models):
-        for key in ("file", "mmproj"):
+        for key in ("file", "mmproj", "chat_template"):
             text = getattr(m, key)
-            if not text:
+            if not text or (key == "chat_template" and not is_template_file(text)):
                 continue
             path = _resolve(models_dir, text)
             if not path.is_relative_to(models_dir):
@@ -218,6 +272,13 @@ def _check_models(cfg: ApplianceConfig, problems: _Problems) -> None:
         for attr, low in (("ctx_size", 1), ("threads", 1), ("parallel", 1), ("gpu_layers", 0)):
             if getattr(m, attr) < low:
                 problems.add(f"{key}.{attr}", f"must be at least {low}")
+        if m.max_queue is not None and m.max_queue < 0:
+            problems.add(f"{key}.max_queue", "must be 0 or more (0: never queue beyond parallel)")
+        if m.chat_template and m.kind != "chat":
+            problems.add(f"{key}.chat_template", f"only chat models use a chat template (this one is {m.kind})")
+        elif m.chat_template and not is_template_file(m.chat_template) and m.chat_template not in CHAT_TEMPLATES:
+            problems.add(f"{key}.chat_template", f"{m.chat_template!r} is neither a llama.cpp built-in template "
+                         f"({', '.join(sorted(CHAT_TEMPLATES))}) nor a .jinja file under llama_server.models_dir")
         for reason in check_extra_args(m.extra_args):
             problems.add(f"{key}.extra_args", reason)
 
@@ -322,8 +383,10 @@ def _absolutize(cfg: ApplianceConfig, base: Path) -> ApplianceConfig:
         events=replace(cfg.events, file=str(_resolve(base, cfg.events.file)) if cfg.events.file else "",
                        token_file=str(_resolve(base, cfg.events.token_file)) if cfg.events.token_file else ""),
         models=tuple(
-            replace(m, file=str(_resolve(models_dir, m.file)), mmproj=str(_resolve(models_dir, m.mmproj)) if m.mmproj
-                    else "")
+            replace(m, file=str(_resolve(models_dir, m.file)),
+                    mmproj=str(_resolve(models_dir, m.mmproj)) if m.mmproj else "",
+                    chat_template=str(_resolve(models_dir, m.chat_template)) if is_template_file(m.chat_template)
+                    else m.chat_template)
             for m in cfg.models
         ),
     )

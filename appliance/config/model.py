@@ -22,9 +22,26 @@ class ServerConfig:
     request_timeout_s: float = 120.0
     #: Seconds in-flight requests and streams get to finish after SIGTERM.
     graceful_timeout_s: float = 30.0
-    #: File with one API key per line; empty means no authentication.
+    #: File with one API key per line (``name: key``, or a bare key); empty means no authentication.
     api_keys_file: str = ""
     allow_unauthenticated_lan: bool = False
+    #: Bound on a request's head (request line and headers together); past it: 431, connection closed.
+    max_header_bytes: int = 32 * 1024
+    #: Bound on the request target (path and query); past it: 414.
+    max_url_bytes: int = 8 * 1024
+    #: Bound on the number of header fields; past it: 431.
+    max_headers: int = 100
+    #: Seconds a client has to send a complete request head once it connects (or starts its next request).
+    header_timeout_s: float = 10.0
+    #: Longest pause allowed while a request body arrives; past it the request ends as a client abort.
+    body_idle_timeout_s: float = 30.0
+    #: Open connections per worker; beyond it new connections get 503.
+    max_connections_per_worker: int = 1000
+    #: PEM certificate chain and private key: both set serves HTTPS on the public port.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: Browser origins allowed to call the API (CORS); empty sends no CORS headers at all.
+    cors_allow_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,7 @@ class ModelConfig:
     name: str
     file: str
     port: int
-    kind: str = "chat"  # chat | embed
+    kind: str = "chat"  # chat | embed | rerank
     aliases: tuple[str, ...] = ()
     ctx_size: int = 4096
     gpu_layers: int = 0
@@ -90,7 +107,16 @@ class ModelConfig:
     parallel: int = 2
     pooling: str = "mean"  # embed models only
     mmproj: str = ""  # optional multimodal projector, under models_dir
+    #: llama.cpp built-in template name (e.g. "gemma", "chatml") or a .jinja file under models_dir; empty: the GGUF's.
+    chat_template: str = ""
+    #: Requests waiting beyond ``parallel`` on this host before 429; None means 4 x parallel.
+    max_queue: int | None = None
     extra_args: tuple[str, ...] = ()
+
+    @property
+    def queue_limit(self) -> int:
+        """Requests in flight on this host (all workers) at which the next one gets 429."""
+        return self.parallel + (self.max_queue if self.max_queue is not None else 4 * self.parallel)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,12 @@ def build_argv(cfg: ApplianceConfig, model: ModelConfig) -> list[str]:
     ]
     if model.kind == "embed":
         argv += ["--embeddings", "--pooling", model.pooling]
+    elif model.kind == "rerank":
+        argv += ["--reranking"]
+    if model.chat_template.endswith(".jinja"):
+        argv += ["--chat-template-file", str(resolve_model_file(cfg, model.chat_template))]
+    elif model.chat_template:
+        argv += ["--chat-template", model.chat_template]
     if model.mmproj:
         argv += ["--mmproj", str(resolve_model_file(cfg, model.mmproj))]
     argv += ["--metrics", "--no-webui", *model.extra_args]

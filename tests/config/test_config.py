@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from appliance.config import ConfigError, check_bind_address, load, parse
+from appliance.config import ConfigError, check_bind_address, load, parse, read_api_keys
 from appliance.config.args import check_extra_args
 from tests.helpers import REPO, render_toml
 
@@ -187,7 +187,7 @@ def test_model_file_must_resolve_under_models_dir(tree: Path) -> None:
 
 def test_kind_and_pooling_values(tree: Path) -> None:
     doc = base_doc(tree)
-    doc["models"][0]["kind"] = "rerank"
+    doc["models"][0]["kind"] = "classify"
     doc["models"][1]["pooling"] = "avg"
     got = problems(tree, doc)
     assert any(p.startswith("models[0].kind:") for p in got)
@@ -258,3 +258,58 @@ def test_example_config_is_valid_after_setup() -> None:
     # The README's setup installs the binary and the model that examples/local.toml points at.
     r = run_check(REPO / "examples" / "local.toml")
     assert r.returncode == 0, r.stderr
+
+
+def test_named_api_keys(tree: Path) -> None:
+    keys = tree / "keys"
+    keys.write_text("# team keys\nalice: sk-alice-1\nsk-bare-2\n\nci-bot :  sk-ci-3\n")
+    got = read_api_keys(keys)
+    assert got["sk-alice-1"] == "alice"
+    assert got["sk-ci-3"] == "ci-bot"
+    assert got["sk-bare-2"].startswith("key-") and len(got["sk-bare-2"]) == 12
+    assert "sk-bare-2" not in got["sk-bare-2"]
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("a: k1\na: k2\n", "name 'a' is already used"),
+    ("a: k1\nb: k1\n", "already listed"),
+    ("a: two words\n", "must not contain spaces"),
+])
+def test_bad_api_keys_files_name_the_line(tree: Path, text: str, reason: str) -> None:
+    (tree / "keys").write_text(text)
+    got = problems(tree, with_(base_doc(tree), "server", api_keys_file=str(tree / "keys")))
+    assert any(p.startswith("server.api_keys_file:") and "line " in p and reason in p for p in got), got
+
+
+def test_chat_template_builtin_or_file(tree: Path) -> None:
+    doc = base_doc(tree)
+    doc["models"][0]["chat_template"] = "gemma"
+    assert problems(tree, doc) == []
+    doc["models"][0]["chat_template"] = "gemmma"
+    assert any(p.startswith("models[0].chat_template:") and "built-in" in p for p in problems(tree, doc))
+    doc["models"][0]["chat_template"] = "t.jinja"
+    assert any(p.startswith("models[0].chat_template:") and "does not exist" in p for p in problems(tree, doc))
+    doc["models"][0]["chat_template"] = "../t.jinja"
+    assert any(p.startswith("models[0].chat_template:") and "outside models_dir" in p for p in problems(tree, doc))
+    doc["models"][1]["chat_template"] = "gemma"
+    assert any(p.startswith("models[1].chat_template:") and "only chat" in p for p in problems(tree, doc))
+
+
+def test_max_queue_default_and_bounds(tree: Path) -> None:
+    doc = base_doc(tree)
+    doc["models"][0]["parallel"] = 3
+    cfg = parse(doc, tree, check_files=False)
+    assert cfg.models[0].max_queue is None and cfg.models[0].queue_limit == 15
+    doc["models"][0]["max_queue"] = 0
+    assert parse(doc, tree, check_files=False).models[0].queue_limit == 3
+    doc["models"][0]["max_queue"] = -1
+    assert any(p.startswith("models[0].max_queue:") for p in problems(tree, doc))
+
+
+def test_http_limits_and_cors_origins(tree: Path) -> None:
+    doc = with_(base_doc(tree), "server", max_header_bytes=512, max_url_bytes=100000, header_timeout_s=0,
+                cors_allow_origins=["https://app.example", "https://x.example/path"])
+    got = problems(tree, doc)
+    for key in ("max_header_bytes", "max_url_bytes", "header_timeout_s", "cors_allow_origins[1]"):
+        assert any(p.startswith(f"server.{key}:") for p in got), (key, got)
+    assert not any(p.startswith("server.cors_allow_origins[0]") for p in got)

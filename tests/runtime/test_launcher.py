@@ -56,6 +56,20 @@ def test_mmproj_argv(cfg: ApplianceConfig, tree: Path) -> None:  # noqa: F811
     assert "--embeddings" not in argv
 
 
+def test_rerank_and_chat_template_argv(cfg: ApplianceConfig, tree: Path) -> None:  # noqa: F811
+    (tree / "models" / "t.jinja").write_text("{{ messages }}")
+    rerank = dataclasses.replace(cfg.models[1], kind="rerank")
+    argv = build_argv(cfg, rerank)
+    assert "--reranking" in argv and "--embeddings" not in argv
+    builtin = build_argv(cfg, dataclasses.replace(cfg.models[0], chat_template="gemma"))
+    assert builtin[builtin.index("--chat-template") + 1] == "gemma"
+    jinja = build_argv(cfg, dataclasses.replace(cfg.models[0], chat_template=str(tree / "models" / "t.jinja")))
+    assert jinja[jinja.index("--chat-template-file") + 1] == str(tree / "models" / "t.jinja")
+    escaped = dataclasses.replace(cfg.models[0], chat_template=str(tree / "t.jinja"))
+    with pytest.raises(LaunchError, match="outside models_dir"):
+        build_argv(cfg, escaped)
+
+
 def test_env_allow_list() -> None:
     env = child_env({"PATH": "/bin", "HOME": "/h", "LD_LIBRARY_PATH": "/l", "CUDA_VISIBLE_DEVICES": "0",
                      "GGML_CUDA_FORCE_MMQ": "1", "HIP_VISIBLE_DEVICES": "1", "LLAMA_ARG_HOST": "0.0.0.0",
