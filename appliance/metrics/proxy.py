@@ -14,7 +14,8 @@ from prometheus_client import Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 EVENT_COUNT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
-REQUESTS = Counter("appliance_requests", "Requests answered by the proxy.", ["route", "model", "status"])
+# client: the API key's name (never the key), "anonymous" without keys, "unauthenticated" for a refused key.
+REQUESTS = Counter("appliance_requests", "Requests answered by the proxy.", ["route", "model", "status", "client"])
 HEADERS_SECONDS = Histogram("appliance_response_headers_seconds",
                             "Time from request received to response headers sent (time to first byte).",
                             ["route", "model"], buckets=LATENCY_BUCKETS)
@@ -26,7 +27,10 @@ FIRST_TOKEN_SECONDS = Histogram("appliance_time_to_first_token_seconds",
                                 buckets=LATENCY_BUCKETS)
 STREAM_EVENTS = Histogram("appliance_stream_events", "Streams: SSE events passed through per response.", ["model"],
                           buckets=EVENT_COUNT_BUCKETS)
-IN_FLIGHT = Gauge("appliance_in_flight", "Requests being forwarded now.", ["model"], multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("appliance_in_flight", "Requests being forwarded now, summed over the proxy's workers.", ["model"],
+                  multiprocess_mode="livesum")
+QUEUE_FULL = Counter("appliance_queue_full", "Requests refused with 429: parallel + max_queue already in flight.",
+                     ["model"])
 UPSTREAM_ERRORS = Counter("appliance_upstream_errors", "Failures talking to llama-server.", ["model", "kind"])
 REQUEST_BYTES = Counter("appliance_request_bytes", "Request body bytes forwarded.", ["route", "model"])
 RESPONSE_BYTES = Counter("appliance_response_bytes", "Response body bytes passed back.", ["route", "model"])

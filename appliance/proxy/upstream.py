@@ -47,8 +47,14 @@ class UpstreamResponse:
         self._raw.close()
 
     def release(self) -> None:
-        """Body fully read: return the connection to the pool."""
-        self._raw.release()
+        """Body fully read: return the connection to the pool, unless it is about to be closed.
+
+        llama-server closes a connection after a streamed (chunked) response without saying so; a pooled client
+        that reused it would fail the next request. Only responses with a Content-Length leave a reusable one."""
+        if "content-length" in self.headers:
+            self._raw.release()
+        else:
+            self._raw.close()
 
 
 class Upstream:
@@ -58,13 +64,16 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
+        # keepalive_timeout below llama-server's own idle timeout (5 s), so that the pool drops a connection before
+        # the server does rather than racing it.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3, enable_cleanup_closed=True)
         # total=None: generation may stream for minutes; the wait for response headers is bounded by the caller.
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             auto_decompress=False,  # bytes pass through verbatim
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            # Forward exactly the headers the client sent: no library defaults (Accept, Content-Type, ...).
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
 
     async def close(self) -> None:
@@ -78,14 +87,24 @@ class Upstream:
         return self._session
 
     async def send(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]) -> UpstreamResponse:
-        """Send a request; returns once the response headers have arrived."""
-        try:
-            raw = await self.session.request(method, url, data=body, headers=dict(headers), allow_redirects=False)
-        except aiohttp.ClientConnectorError as e:
-            raise UpstreamError("refused", f"cannot connect to llama-server at {url}: {e.os_error}") from e
-        except (aiohttp.ClientError, ConnectionError) as e:
-            raise UpstreamError("reset", f"llama-server at {url} closed the connection: {e}") from e
-        return UpstreamResponse(raw)
+        """Send a request; returns once the response headers have arrived.
+
+        A pooled connection that the server closed while it sat idle fails the next request before any answer. That
+        request is sent once more on a fresh connection: llama-server reads a request whole before it acts on it, and
+        a server that died with the request in hand is not listening to receive the second copy (refused)."""
+        for attempt in (1, 2):
+            try:
+                raw = await self.session.request(method, url, data=body, headers=headers, allow_redirects=False)
+            except aiohttp.ClientConnectorError as e:
+                raise UpstreamError("refused", f"cannot connect to {url}: {e.os_error}") from e
+            except aiohttp.ServerDisconnectedError as e:
+                if attempt == 1:
+                    continue
+                raise UpstreamError("reset", f"{url} closed the connection without answering: {e}") from e
+            except (aiohttp.ClientError, ConnectionError) as e:
+                raise UpstreamError("reset", f"{url} failed: {e!r}") from e
+            return UpstreamResponse(raw)
+        raise AssertionError("unreachable")
 
     async def health(self, base_url: str, timeout_s: float) -> int | None:
         """Status of the child's ``/health``, or None when it cannot be reached."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.proxy.app import STREAM_TAIL, Exchange
+from appliance.proxy.exchange import STREAM_TAIL, Exchange
 
 
 def test_usage_from_a_json_body() -> None:

@@ -1,0 +1,83 @@
+"""What one request did, for its metrics and its event (SPEC: no prompt or completion text in events)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.events.sink import EventSink
+from appliance.metrics import proxy as metrics
+
+#: Probes need no key and emit no event (a load balancer polls them several times a second).
+PROBES = frozenset({"/health", "/livez"})
+USAGE_BODY_LIMIT = 1 << 20
+STREAM_TAIL = 8192
+# OpenAI (chat, completions), Responses and Anthropic name their token counts differently.
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens")
+
+
+@dataclass
+class Exchange:
+    """Never holds prompt or completion text past the request."""
+
+    request_id: str
+    t0: float
+    route: str = "other"
+    model: str = ""
+    #: The API key's name ("anonymous" without keys, "unauthenticated" when the key was refused).
+    client: str = "anonymous"
+    status: int = 0
+    headers_s: float = 0.0
+    stream: bool = False
+    relayed: bool = False
+    bytes_out: int = 0
+    events: int = 0
+    first_event_s: float | None = None
+    kept: bytes = b""  # the JSON body (bounded) or the stream's tail, only to read "usage" at the end
+
+    def keep(self, chunk: bytes) -> None:
+        if self.stream:
+            self.kept = (self.kept + chunk)[-STREAM_TAIL:]
+        elif len(self.kept) < USAGE_BODY_LIMIT:
+            self.kept += chunk
+
+    def usage(self) -> dict[str, Any] | None:
+        """The last ``"usage": {...}`` object in what was kept, decoded alone (not the whole body).
+
+        Inside JSON strings quotes are escaped, so the unescaped key cannot come from generated text."""
+        at = self.kept.rfind(b'"usage":')
+        if at < 0:
+            return None
+        try:
+            usage, _ = json.JSONDecoder().raw_decode(self.kept[at + 8:].decode(errors="replace").lstrip())
+        except ValueError:
+            return None
+        if not isinstance(usage, dict):
+            return None
+        return {k: v for k, v in usage.items() if k in _USAGE_KEYS}
+
+
+def finish(events: EventSink, ex: Exchange) -> None:
+    """Record the metrics that need the whole response, and emit the request's event."""
+    total = time.perf_counter() - ex.t0
+    metrics.DURATION_SECONDS.labels(ex.route, ex.model).observe(total)
+    metrics.RESPONSE_BYTES.labels(ex.route, ex.model).inc(ex.bytes_out)
+    if ex.stream:
+        metrics.STREAM_EVENTS.labels(ex.model).observe(ex.events)
+        if ex.first_event_s is not None:
+            metrics.FIRST_TOKEN_SECONDS.labels(ex.model).observe(ex.first_event_s)
+    if ex.route in PROBES:
+        return
+    event: dict[str, Any] = {
+        "ts": round(time.time(), 3), "event": "request", "request_id": ex.request_id, "route": ex.route,
+        "model": ex.model or None, "client": ex.client, "status": ex.status, "stream": ex.stream,
+        "headers_ms": round(ex.headers_s * 1000, 3), "total_ms": round(total * 1000, 3),
+    }
+    if ex.first_event_s is not None:
+        event["first_token_ms"] = round(ex.first_event_s * 1000, 3)
+    usage = ex.usage() if ex.kept else None
+    if usage:
+        event["usage"] = usage
+    events.emit(event)

@@ -1,0 +1,187 @@
+"""The one forwarding mechanism behind every served route (``routes.ROUTES``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import falcon
+import falcon.asgi
+
+from appliance.config import ModelConfig
+from appliance.metrics import proxy as metrics
+from appliance.proxy.errors import ApiError
+from appliance.proxy.exchange import Exchange, finish
+from appliance.proxy.relay import Receive, relay, wait_disconnect
+from appliance.proxy.routes import Route
+from appliance.proxy.runtime import Runtime
+from appliance.proxy.upstream import UpstreamError, UpstreamResponse
+
+log = logging.getLogger("appliance.proxy")
+
+RECEIVE_KEY = "appliance.receive"
+# Request headers that reach llama-server, and only when the client sent them; everything else (the API key first of
+# all) stays here.
+UPSTREAM_HEADERS = ("content-type", "accept")
+# Response headers passed back to the client besides the body.
+DOWNSTREAM_HEADERS = ("content-type", "content-length", "content-encoding", "cache-control")
+# Complete bodies up to this size (known Content-Length, not SSE) are sent in one piece: llama-server writes them at
+# once, and one send instead of a chunk relay halves the proxy's per-request cost on small (embedding) responses.
+INLINE_BODY_MAX = 256 * 1024
+# What a client is told about a failed connection to a model; the details (addresses, library errors) go to the log.
+_FAILURES = {
+    "refused": "refused the connection (it is probably restarting)",
+    "reset": "closed the connection without answering",
+}
+
+
+async def read_body(req: falcon.asgi.Request, receive: Receive, limit: int) -> bytes:
+    """The whole request body, straight from the ASGI channel rather than Falcon's stream, which takes a client that
+    left for the end of the body: a truncated body is never forwarded (llama-server might run it), it ends the request
+    as a client abort (499)."""
+    too_large = ApiError(413, f"request body is larger than the limit of {limit} bytes (server.body_limit_bytes)",
+                         "request_too_large", {"Connection": "close"})
+    if req.content_length is not None and req.content_length > limit:
+        raise too_large
+    # Falcon has already received the first event (to see whether the client is still there) and keeps it here.
+    message: Mapping[str, Any] | None = req._first_event
+    if message is None:
+        raise RuntimeError("falcon.asgi.Request no longer keeps its first ASGI event in _first_event")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        if message["type"] == "http.disconnect":
+            raise ApiError(499, "client closed the connection before sending the whole request body", "client_closed")
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            break
+        message = await receive()
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply to be read", "invalid_json") from None
+    except ValueError as e:
+        message = str(e)
+        if "integer string conversion" in message:
+            message = "it holds an integer with more than 4300 digits"
+        raise ApiError(400, f"request body is not valid JSON: {message}", "invalid_json") from None
+
+
+class Forward:
+    """POST ``route.path``: to the model the body names, verbatim both ways."""
+
+    def __init__(self, rt: Runtime, route: Route) -> None:
+        self.rt = rt
+        self.route = route
+
+    def _model(self, doc: Any) -> ModelConfig:
+        if not isinstance(doc, dict):
+            raise ApiError(400, "request body must be a JSON object", "invalid_json")
+        name = doc.get("model")
+        kinds = self.route.kinds
+        if name is None or name == "":
+            model = self.rt.default_model(kinds[0])
+            if model is None:
+                raise ApiError(404, f"no {kinds[0]} model is configured; name one in \"model\"", "model_not_found")
+            return model
+        if not isinstance(name, str):
+            raise ApiError(400, "\"model\" must be a string", "invalid_model")
+        model = self.rt.names.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.rt.names))
+            raise ApiError(404, f"model {name!r} does not exist; available: {known}", "model_not_found")
+        if model.kind not in kinds:
+            raise ApiError(400, f"model {name!r} is a {model.kind} model and cannot serve {self.route.path} "
+                           f"(that takes a {' or '.join(kinds)} model)", "wrong_model_kind")
+        return model
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        rt = self.rt
+        if rt.draining:
+            raise ApiError(503, "this server is shutting down; retry (another host)", "draining", {"Retry-After": "1"})
+        receive: Receive = req.scope[RECEIVE_KEY]
+        body = await read_body(req, receive, rt.cfg.server.body_limit_bytes)
+        model = self._model(parse_json(body))
+        ex: Exchange = req.context.exchange
+        ex.model = model.name
+        metrics.REQUEST_BYTES.labels(ex.route, model.name).inc(len(body))
+        if not rt.readiness.is_ready(model):
+            state = rt.readiness.models[model.name].state
+            raise ApiError(503, f"model {model.name!r} is not ready ({state}); retry shortly", "model_not_ready",
+                           {"Retry-After": "2"})
+        if not rt.try_enter(model):
+            metrics.QUEUE_FULL.labels(model.name).inc()
+            raise ApiError(429, f"model {model.name!r} has {model.queue_limit} requests in flight on this host "
+                           "(parallel + max_queue); retry shortly", "rate_limit_exceeded", {"Retry-After": "1"})
+        headers = {h: v for h in UPSTREAM_HEADERS if (v := req.get_header(h))}
+        headers["x-request-id"] = req.context.request_id
+        disconnect = asyncio.ensure_future(wait_disconnect(receive))
+        handed_over = False
+        try:
+            up = await self._send(model, body, headers, disconnect, req.context.request_id)
+            resp.status = up.status
+            for h in DOWNSTREAM_HEADERS:
+                if (v := up.headers.get(h)) is not None:
+                    resp.set_header(h, v)
+            ex.stream = up.headers.get("content-type", "").startswith("text/event-stream")
+            length = up.headers.get("content-length", "")
+            if not ex.stream and length.isdigit() and int(length) <= INLINE_BODY_MAX:
+                try:
+                    data = await up.read()
+                except UpstreamError as e:
+                    up.close()
+                    metrics.UPSTREAM_ERRORS.labels(model.name, "reset").inc()
+                    log.warning("request %s: model %s broke the connection: %s", ex.request_id, model.name, e)
+                    raise ApiError(502, f"model {model.name!r} broke the connection while answering",
+                                   "upstream_error") from None
+                ex.keep(data)
+                resp.data = data
+            else:
+                ex.relayed = True
+                resp.stream = relay(up, disconnect, ex, lambda: self._done(model, ex))
+                handed_over = True
+        finally:
+            if not handed_over:
+                disconnect.cancel()
+                rt.leave(model)
+
+    def _done(self, model: ModelConfig, ex: Exchange) -> None:
+        self.rt.leave(model)
+        finish(self.rt.events, ex)
+
+    async def _send(self, model: ModelConfig, body: bytes, headers: dict[str, str], disconnect: asyncio.Future[None],
+                    request_id: str) -> UpstreamResponse:
+        timeout = self.rt.cfg.server.request_timeout_s
+        url = f"http://127.0.0.1:{model.port}{self.route.path}"
+        sending = asyncio.ensure_future(self.rt.upstream.send("POST", url, body, headers))
+        await asyncio.wait((sending, disconnect), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not sending.done():
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                await sending
+            if disconnect.done():
+                raise ApiError(499, "client closed the request", "client_closed")
+            metrics.UPSTREAM_ERRORS.labels(model.name, "timeout").inc()
+            raise ApiError(504, f"model {model.name!r} sent no response headers within {timeout:g} s "
+                           "(server.request_timeout_s)", "upstream_timeout")
+        try:
+            return sending.result()
+        except UpstreamError as e:
+            metrics.UPSTREAM_ERRORS.labels(model.name, e.kind).inc()
+            if e.kind == "refused":
+                self.rt.readiness.mark_refused(model)
+            log.warning("request %s: model %s unreachable: %s", request_id, model.name, e)
+            raise ApiError(502, f"model {model.name!r} {_FAILURES.get(e.kind, 'failed')}", "upstream_unreachable"
+                           ) from None

@@ -1,0 +1,110 @@
+"""Requests in flight per model on this host, across every proxy worker: the bound behind ``max_queue`` (429).
+
+llama-server queues requests beyond its slots without bound; the proxy refuses the request that would exceed
+``parallel + max_queue`` instead. The count must cover all workers, so it lives in shared memory: one small file per
+model under ``<runtime_dir>/inflight/``, mapped by every worker, holding one counter per worker slot. A worker only ever
+writes its own slot (no lock on the request path); a check sums the slots. Two workers admitting at the same instant
+can overshoot the bound by at most one request each.
+
+A worker claims its slot with a byte-range lock on ``slots``, which the kernel drops when the worker dies however it
+dies; the slot's new owner zeroes the counters, and the arbiter zeroes a dead worker's counters at once
+(``release_dead``, from gunicorn's ``child_exit``) so that a killed worker's requests do not count until then.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+from appliance.config import ApplianceConfig
+
+SLOTS = 256
+_COUNTER = struct.Struct("q")
+
+
+def load_dir(cfg: ApplianceConfig) -> Path:
+    return Path(cfg.supervision.runtime_dir) / "inflight"
+
+
+def reset(directory: Path) -> None:
+    """At arbiter start: counts from an earlier run are stale."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+
+
+def _map(path: Path, size: int) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _model_file(directory: Path, model: str) -> Path:
+    # Model names may hold any character; the file name must not.
+    return directory / (hashlib.sha256(model.encode()).hexdigest()[:24] + ".count")
+
+
+class HostLoad:
+    def __init__(self, directory: Path, models: Iterable[str]) -> None:
+        self._directory = directory
+        self._names = tuple(models)
+        self._slot = -1
+        self._slots_fd = -1
+        self._counts: dict[str, memoryview] = {}
+
+    def start(self) -> None:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        # Keep this descriptor open for the worker's life: closing any descriptor of the file drops the lock.
+        self._slots_fd = os.open(self._directory / "slots", os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self._slots_fd, SLOTS * _COUNTER.size)
+        for slot in range(SLOTS):
+            try:
+                fcntl.lockf(self._slots_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+            except OSError:
+                continue
+            self._slot = slot
+            break
+        else:
+            raise RuntimeError(f"more than {SLOTS} proxy workers share {self._directory}")
+        os.pwrite(self._slots_fd, _COUNTER.pack(os.getpid()), self._slot * _COUNTER.size)
+        for name in self._names:
+            view = memoryview(_map(_model_file(self._directory, name), SLOTS * _COUNTER.size)).cast("q")
+            view[self._slot] = 0
+            self._counts[name] = view
+
+    def try_enter(self, model: str, limit: int) -> bool:
+        """Count one more request for ``model`` unless the host already has ``limit`` in flight."""
+        counts = self._counts[model]
+        if sum(counts) >= limit:
+            return False
+        counts[self._slot] += 1
+        return True
+
+    def leave(self, model: str) -> None:
+        self._counts[model][self._slot] -= 1
+
+    def in_flight(self, model: str) -> int:
+        return sum(self._counts[model])
+
+
+def release_dead(directory: Path, pid: int) -> None:
+    """Zero the counters of the dead worker ``pid`` (run by the arbiter)."""
+    try:
+        slots = memoryview(_map(directory / "slots", SLOTS * _COUNTER.size)).cast("q")
+    except OSError:
+        return
+    for slot, owner in enumerate(slots):
+        if owner == pid:
+            slots[slot] = 0
+            for path in directory.glob("*.count"):
+                memoryview(_map(path, SLOTS * _COUNTER.size)).cast("q")[slot] = 0
+            return

@@ -1,0 +1,100 @@
+"""What every request goes through: its id, its accounting, the API key, CORS, and the lifespan hooks."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+import falcon
+import falcon.asgi
+
+from appliance.metrics import proxy as metrics
+from appliance.proxy.errors import ApiError
+from appliance.proxy.exchange import PROBES, Exchange, finish
+from appliance.proxy.runtime import Runtime
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Browsers may read these on a cross-origin response (the rest of the headers stay hidden from page scripts).
+_EXPOSED = "X-Request-Id, Retry-After"
+_CORS_MAX_AGE = "600"
+
+
+class Middleware:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def process_startup(self, scope: MutableMapping[str, Any], event: Any) -> None:
+        self.rt.load.start()
+        await self.rt.upstream.start()
+        await self.rt.events.start()
+        await self.rt.readiness.start()
+
+    async def process_shutdown(self, scope: MutableMapping[str, Any], event: Any) -> None:
+        await self.rt.readiness.stop()
+        await self.rt.events.stop()
+        await self.rt.upstream.close()
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        rt = self.rt
+        incoming = req.get_header("x-request-id")
+        req.context.request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        ex = req.context.exchange = Exchange(req.context.request_id, time.perf_counter())
+        req.context.cors_origin = None
+        if rt.cors_origins and (origin := req.get_header("origin")):
+            req.context.cors_origin = rt.cors_origin(origin)
+            if req.method == "OPTIONS" and req.get_header("access-control-request-method"):
+                # A preflight never carries a key: answer it here, before authentication. An origin that is not
+                # allowed gets no Access-Control-* header, and the browser stops there.
+                if req.context.cors_origin is not None:
+                    resp.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+                    resp.set_header("Access-Control-Allow-Headers",
+                                    req.get_header("access-control-request-headers") or "*")
+                    resp.set_header("Access-Control-Max-Age", _CORS_MAX_AGE)
+                ex.route = "preflight"
+                resp.status = 200
+                resp.complete = True
+                return
+        if rt.keys and req.path not in PROBES:
+            name = self._client(req)
+            if name is None:
+                ex.client = "unauthenticated"
+                raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>' or "
+                               "'x-api-key: <key>'", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            ex.client = name
+
+    def _client(self, req: falcon.asgi.Request) -> str | None:
+        """The name of the key the request carries, as a Bearer token (OpenAI clients) or x-api-key (Anthropic)."""
+        auth = req.get_header("authorization")
+        if auth:
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return None
+            return self.rt.key_name(token.strip().encode())
+        key = req.get_header("x-api-key")
+        return self.rt.key_name(key.strip().encode()) if key and key.strip() else None
+
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
+                               params: dict[str, Any]) -> None:
+        req.context.exchange.route = req.uri_template
+
+    async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
+                               req_succeeded: bool) -> None:
+        resp.set_header("X-Request-Id", req.context.request_id)
+        if self.rt.closing:
+            resp.set_header("Connection", "close")
+        if req.context.cors_origin is not None:
+            resp.set_header("Access-Control-Allow-Origin", req.context.cors_origin)
+            resp.set_header("Access-Control-Allow-Credentials", "true")
+            resp.set_header("Access-Control-Expose-Headers", _EXPOSED)
+            resp.set_header("Vary", "Origin")
+        ex: Exchange = req.context.exchange
+        ex.status = int(resp.status_code)
+        ex.headers_s = time.perf_counter() - ex.t0
+        metrics.REQUESTS.labels(ex.route, ex.model, str(ex.status), ex.client).inc()
+        metrics.HEADERS_SECONDS.labels(ex.route, ex.model).observe(ex.headers_s)
+        if not ex.relayed:
+            ex.bytes_out = len(resp.data or b"")
+            finish(self.rt.events, ex)
