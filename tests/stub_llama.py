@@ -8,7 +8,9 @@ body (the proxy forwards unknown fields verbatim, which is itself under test):
 - ``"stall"``: wait ``delay`` seconds before sending headers;
 - ``"die"``: stream two events, then drop the connection without finishing the chunked body;
 - ``"reset"``: drop the connection without answering;
-- ``"forever"``: one event every 0.05 s for up to 60 s (to watch the proxy close the upstream).
+- ``"forever"``: one event every 0.05 s for up to 60 s (to watch the proxy close the upstream);
+- ``"doom"``: answer normally, but drop the next request that arrives on the same connection unanswered, as a server
+  closing an idle kept-alive connection just as a request arrives.
 
 Every request is recorded (path, headers, raw body) and so is the moment each one's connection closed early.
 """
@@ -53,6 +55,7 @@ class StubLlama:
     port: int
     health_status: int = 200
     received: list[Received] = field(default_factory=list)
+    doomed: set[object] = field(default_factory=set)
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
 
@@ -101,6 +104,10 @@ class StubLlama:
             doc = {}
         mode = doc.get("stub")
         try:
+            if mode == "doom":
+                self.doomed.add(request.transport)
+            elif request.transport in self.doomed:
+                mode = "reset"
             if mode == "reset":
                 assert request.transport is not None
                 request.transport.abort()
