@@ -76,7 +76,8 @@ def build_argv(cfg: ApplianceConfig, model: ModelConfig) -> list[str]:
     if model.chat_template.endswith(".jinja"):
         argv += ["--chat-template-file", str(resolve_model_file(cfg, model.chat_template))]
     elif model.chat_template:
-        argv += ["--chat-template", model.chat_template]
+        # With the Jinja engine on (llama-server's default) a built-in name would be taken for the template's text.
+        argv += ["--no-jinja", "--chat-template", model.chat_template]
     if model.mmproj:
         argv += ["--mmproj", str(resolve_model_file(cfg, model.mmproj))]
     argv += ["--metrics", "--no-webui", *model.extra_args]

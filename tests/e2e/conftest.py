@@ -86,11 +86,13 @@ class Appliance:
         return self.proc.wait()
 
 
-def start_appliance(tmp: Path, models: list[dict[str, Any]], **supervision: Any) -> Appliance:
+def start_appliance(tmp: Path, models: list[dict[str, Any]], server: dict[str, Any] | None = None,
+                    **supervision: Any) -> Appliance:
     if not BINARY.is_file() or not (MODELS / MODEL_FILE).is_file():
         pytest.fail(f"{BINARY} or {MODELS / MODEL_FILE} missing: run scripts/setup.sh first (the README's command)")
     doc: dict[str, Any] = {
-        "server": {"bind": ["127.0.0.1"], "port": free_port(), "workers": 2, "graceful_timeout_s": 10},
+        "server": {"bind": ["127.0.0.1"], "port": free_port(), "workers": 2, "graceful_timeout_s": 10,
+                   **(server or {})},
         "metrics": {"port": free_port()},
         "llama_server": {"binary": str(BINARY), "allowed_binary_prefixes": [str(BINARY.parent)],
                          "models_dir": str(tmp / "models")},

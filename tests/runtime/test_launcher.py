@@ -62,7 +62,8 @@ def test_rerank_and_chat_template_argv(cfg: ApplianceConfig, tree: Path) -> None
     argv = build_argv(cfg, rerank)
     assert "--reranking" in argv and "--embeddings" not in argv
     builtin = build_argv(cfg, dataclasses.replace(cfg.models[0], chat_template="gemma"))
-    assert builtin[builtin.index("--chat-template") + 1] == "gemma"
+    at = builtin.index("--chat-template")
+    assert builtin[at - 1:at + 2] == ["--no-jinja", "--chat-template", "gemma"]
     jinja = build_argv(cfg, dataclasses.replace(cfg.models[0], chat_template=str(tree / "models" / "t.jinja")))
     assert jinja[jinja.index("--chat-template-file") + 1] == str(tree / "models" / "t.jinja")
     escaped = dataclasses.replace(cfg.models[0], chat_template=str(tree / "t.jinja"))
