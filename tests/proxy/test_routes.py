@@ -16,7 +16,7 @@ import pytest
 
 from appliance.proxy.routes import ROUTES, UNEXPOSED
 from tests.events.test_events import wait_events
-from tests.helpers import Exporter, Proxy, free_port, samples, stub_config, value, write_config
+from tests.helpers import REPO, Exporter, Proxy, free_port, samples, stub_config, value, write_config
 from tests.stub_llama import StubLlama
 
 KEY = "sk-alice-1"
@@ -261,3 +261,12 @@ def test_models_list_answers_without_v1_prefix(api: tuple[Proxy, Exporter]) -> N
     assert ids == ["chat-a", "embed-a", "rerank-a"]
     assert json.loads(httpx.get(api[0].url + "/v1/models", headers={"x-api-key": KEY}).content)["data"][2]["kind"] == \
         "rerank"
+
+
+def test_the_readme_lists_every_route_and_every_refusal() -> None:
+    readme = (REPO / "README.md").read_text()
+    api = readme[readme.index("## The API"):readme.index("## Design notes")]
+    for route in ROUTES:
+        assert f"| `POST {route.path}` | {' or '.join(route.kinds)} |" in api, route.path
+    for path in UNEXPOSED:
+        assert f"| `{path}` |" in api, path
