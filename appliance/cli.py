@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
-from appliance.config import DEFAULT_PATH, ConfigError, load
+from appliance.config import DEFAULT_PATH, ApplianceConfig, ConfigError, config_warnings, load
 
 
 def _print_problems(path: Path, e: ConfigError) -> None:
@@ -17,16 +17,24 @@ def _print_problems(path: Path, e: ConfigError) -> None:
         print(f"  {p}", file=sys.stderr)
 
 
+def print_warnings(cfg: ApplianceConfig, prefix: str = "") -> None:
+    """Risks of a valid config, one ``warning:`` line each on stderr; they never change the exit status."""
+    for warning in config_warnings(cfg):
+        print(f"{prefix}warning: {warning}", file=sys.stderr, flush=True)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.path)
     except ConfigError as e:
         _print_problems(args.path, e)
         return 1
+    print_warnings(cfg)
     models = ", ".join(f"{m.name} ({m.kind}, :{m.port})" for m in cfg.models)
     binds = ", ".join(cfg.server.bind)
-    print(f"{args.path}: OK: proxy on {binds} port {cfg.server.port}, metrics on 127.0.0.1:{cfg.metrics.port}, "
-          f"models: {models}")
+    scheme = "https" if cfg.server.tls_cert_file else "http"
+    print(f"{args.path}: OK: proxy ({scheme}) on {binds} port {cfg.server.port}, "
+          f"metrics on 127.0.0.1:{cfg.metrics.port}, models: {models}")
     return 0
 
 
@@ -86,6 +94,7 @@ def _reload(args: argparse.Namespace) -> int:
         _print_problems(args.config, e)
         print("reload: nothing changed; the running config stays in force", file=sys.stderr)
         return 1
+    print_warnings(cfg, "reload: ")
     try:
         report = reload(cfg)
     except ReloadError as e:

@@ -14,7 +14,7 @@ from typing import Any
 
 from appliance.config import load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir
-from appliance.proxy import retire
+from appliance.proxy import hostload, retire
 
 _cfg = load(os.environ["APPLIANCE_CONFIG"], check_files=False)
 # Must be set before prometheus_client is first imported (it reads the variable at import time).
@@ -34,6 +34,14 @@ graceful_timeout = int(_cfg.server.graceful_timeout_s) + 5
 timeout = 30
 keepalive = 5
 proc_name = "appliance-proxy"
+# gunicorn's control socket (gunicornc: add or kill workers, reload) would be a second way to manage the proxy, beside
+# supervisorctl and `appliance reload`, and by default it lands in the service user's home: keep it off.
+control_socket_disable = True
+# HTTPS when both are set (validated together by the config). uvicorn-worker hands them to uvicorn, which loads them
+# when each worker boots: a SIGHUP (`appliance reload`) makes new workers that read a certificate rotated in place.
+# Python's SSLContext defaults give TLS 1.2 and 1.3 only, with forward-secret AEAD ciphers (OpenSSL security level 2).
+certfile = _cfg.server.tls_cert_file or None
+keyfile = _cfg.server.tls_key_file or None
 accesslog = None
 errorlog = "-"
 loglevel = "info"
@@ -44,6 +52,7 @@ def on_starting(server: Any) -> None:
     path = multiproc_dir(_cfg)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
+    hostload.reset(hostload.load_dir(_cfg))
 
 
 def on_reload(server: Any) -> None:
@@ -52,7 +61,10 @@ def on_reload(server: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop a dead worker's live gauges (in-flight); its counters stay so that totals never go backwards."""
+    """Drop a dead worker's live gauges (in-flight) and its share of the host's load; its counters stay so that
+    totals never go backwards."""
     from prometheus_client import multiprocess
+
+    hostload.release_dead(hostload.load_dir(_cfg), worker.pid)
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -1,6 +1,14 @@
 """Configuration: one TOML file, validated fail-closed into immutable objects."""
 
-from appliance.config.load import DEFAULT_PATH, ConfigError, check_bind_address, load, parse, read_api_keys
+from appliance.config.load import (
+    DEFAULT_PATH,
+    ConfigError,
+    check_bind_address,
+    config_warnings,
+    load,
+    parse,
+    read_api_keys,
+)
 from appliance.config.model import (
     ApplianceConfig,
     EventsConfig,
@@ -22,6 +30,7 @@ __all__ = [
     "ServerConfig",
     "SupervisionConfig",
     "check_bind_address",
+    "config_warnings",
     "load",
     "parse",
     "read_api_keys",

@@ -6,6 +6,7 @@ all at once and an operator fixes the file in one pass. Nothing here starts proc
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import ipaddress
 import re
@@ -26,6 +27,7 @@ from appliance.config.model import (
     ServerConfig,
     SupervisionConfig,
 )
+from appliance.config.tls import check_pair, validity_warning
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 KINDS = ("chat", "embed", "rerank")
@@ -203,6 +205,7 @@ def _check_server(server: ServerConfig, base: Path, problems: _Problems) -> None
             problems.add("server.api_keys_file", f"cannot read {keys_path}: {e.strerror}")
         except ValueError as e:
             problems.add("server.api_keys_file", f"{keys_path}, {e}")
+    _check_tls(server, base, problems)
     if server.workers < 1:
         problems.add("server.workers", "must be at least 1")
     if not 0 < server.body_limit_bytes <= BODY_LIMIT_MAX:
@@ -220,6 +223,37 @@ def _check_server(server: ServerConfig, base: Path, problems: _Problems) -> None
         if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
             problems.add(f"server.cors_allow_origins[{i}]",
                          f"{origin!r} is not an origin (scheme://host[:port], no path, e.g. https://app.example)")
+
+
+def _check_tls(server: ServerConfig, base: Path, problems: _Problems) -> None:
+    """Both TLS files or neither; when both, a certificate and its own key that the proxy can load."""
+    if not server.tls_cert_file and not server.tls_key_file:
+        return
+    if not (server.tls_cert_file and server.tls_key_file):
+        given, missing = (("tls_cert_file", "tls_key_file") if server.tls_cert_file
+                          else ("tls_key_file", "tls_cert_file"))
+        problems.add(f"server.{missing}", f"must be set too, since server.{given} is: set both (the PEM certificate "
+                     "chain and its private key) to serve HTTPS, or neither for plain HTTP")
+        return
+    for key, reason in check_pair(_resolve(base, server.tls_cert_file), _resolve(base, server.tls_key_file)):
+        problems.add(key, reason)
+
+
+def config_warnings(cfg: ApplianceConfig, now: dt.datetime | None = None) -> list[str]:
+    """Risks that a valid config still carries, as ``key: reason``. `appliance check-config` and `appliance up` print
+    them; they never change an exit status (an expiring certificate must not stop a restart)."""
+    server = cfg.server
+    out: list[str] = []
+    lan = [b for b in server.bind if not _is_loopback(b)]
+    if lan and server.api_keys_file and not server.tls_cert_file:
+        out.append(f"server.bind: {', '.join(lan)} is reachable from the network and serves plain HTTP, so API keys "
+                   "(and prompts) travel in clear text; set server.tls_cert_file and server.tls_key_file to serve "
+                   "HTTPS (README: TLS)")
+    if server.tls_cert_file:
+        warning = validity_warning(Path(server.tls_cert_file), now or dt.datetime.now(dt.UTC))
+        if warning:
+            out.append(f"server.tls_cert_file: {warning}")
+    return out
 
 
 def _check_paths(cfg: ApplianceConfig, base: Path, problems: _Problems) -> None:
@@ -279,6 +313,9 @@ def _check_models(cfg: ApplianceConfig, problems: _Problems) -> None:
         elif m.chat_template and not is_template_file(m.chat_template) and m.chat_template not in CHAT_TEMPLATES:
             problems.add(f"{key}.chat_template", f"{m.chat_template!r} is neither a llama.cpp built-in template "
                          f"({', '.join(sorted(CHAT_TEMPLATES))}) nor a .jinja file under llama_server.models_dir")
+        elif m.chat_template and not is_template_file(m.chat_template) and "--jinja" in m.extra_args:
+            problems.add(f"{key}.extra_args", f"--jinja cannot be combined with the built-in template "
+                         f"{m.chat_template!r} (built-ins use llama.cpp's own engine); use a .jinja file instead")
         for reason in check_extra_args(m.extra_args):
             problems.add(f"{key}.extra_args", reason)
 
@@ -369,10 +406,15 @@ def _absolutize(cfg: ApplianceConfig, base: Path) -> ApplianceConfig:
     """Replace relative paths with canonical absolute ones so that every consumer sees the same files."""
     ls = cfg.llama_server
     models_dir = _resolve(base, ls.models_dir)
+
+    def optional(text: str) -> str:
+        return str(_resolve(base, text)) if text else ""
+
     return replace(
         cfg,
-        server=replace(cfg.server, api_keys_file=str(_resolve(base, cfg.server.api_keys_file))
-                       if cfg.server.api_keys_file else ""),
+        server=replace(cfg.server, api_keys_file=optional(cfg.server.api_keys_file),
+                       tls_cert_file=optional(cfg.server.tls_cert_file),
+                       tls_key_file=optional(cfg.server.tls_key_file)),
         llama_server=LlamaServerConfig(
             binary=str(_resolve(base, ls.binary)),
             allowed_binary_prefixes=tuple(str(_resolve(base, p)) for p in ls.allowed_binary_prefixes),

@@ -58,6 +58,9 @@ def model_fingerprint(cfg: ApplianceConfig, m: ModelConfig) -> str:
     files = [_file_identity(cfg.llama_server.binary), _file_identity(m.file)]
     if m.mmproj:
         files.append(_file_identity(m.mmproj))
+    if m.chat_template.endswith(".jinja"):
+        # llama-server reads a template file once, at start: one edited in place restarts the model.
+        files.append(_file_identity(m.chat_template))
     sup = cfg.supervision
     return _digest(dataclasses.asdict(m), dataclasses.asdict(cfg.llama_server), files,
                    [sup.backoff_initial_s, sup.backoff_max_s, sup.runtime_dir])
@@ -84,8 +87,11 @@ def _file_digest(path: str) -> str | None:
 
 
 def proxy_fingerprint(cfg: ApplianceConfig) -> str:
-    """Everything the proxy workers read, the API keys included: a change means new workers (gunicorn SIGHUP)."""
-    secrets = [_file_digest(f) for f in (cfg.server.api_keys_file, cfg.events.token_file) if f]
+    """Everything the proxy workers read, the API keys and the TLS certificate and key included: a change means new
+    workers (gunicorn SIGHUP), which load the files anew, so a certificate rotated in place is served after a reload."""
+    server = cfg.server
+    files = (server.api_keys_file, cfg.events.token_file, server.tls_cert_file, server.tls_key_file)
+    secrets = [_file_digest(f) for f in files if f]
     return _digest(dataclasses.asdict(dataclasses.replace(cfg, source=None)), secrets)
 
 

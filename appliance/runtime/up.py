@@ -6,6 +6,7 @@ import contextlib
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -13,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from appliance.config import ApplianceConfig, ConfigError, load
+from appliance.config import ApplianceConfig, ConfigError, config_warnings, load
 from appliance.runtime.reload import ReloadError, reload
 from appliance.runtime.supervisor_conf import write_supervisor_conf
 
@@ -22,9 +23,16 @@ def _say(message: str) -> None:
     print(f"[appliance] {message}", flush=True)
 
 
+# Progress comes from the proxy's own /health on this host, which carries no secret: the certificate is not verified,
+# since it is made out for the names clients use and signed by a CA this host need not trust.
+_PROBE_TLS = ssl.create_default_context()
+_PROBE_TLS.check_hostname = False
+_PROBE_TLS.verify_mode = ssl.CERT_NONE
+
+
 def _health(url: str) -> dict[str, object] | None:
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2, context=_PROBE_TLS) as r:
             doc: dict[str, object] = json.load(r)
             return doc
     except urllib.error.HTTPError as e:  # 503 while loading still carries the document
@@ -72,6 +80,8 @@ def _reload(cfg: ApplianceConfig) -> None:
 
 
 def run_up(cfg: ApplianceConfig) -> int:
+    for warning in config_warnings(cfg):
+        print(f"[appliance] warning: {warning}", file=sys.stderr, flush=True)
     busy = busy_ports(cfg)
     if busy:
         for line in busy:
@@ -104,7 +114,8 @@ def run_up(cfg: ApplianceConfig) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, hup)
     host = cfg.server.bind[0]
-    base = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.server.port}"
+    scheme = "https" if cfg.server.tls_cert_file else "http"
+    base = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{cfg.server.port}"
     _say(f"OpenAI API: {base}/v1  health: {base}/health  "
          f"supervisorctl -c {conf} status")
     seen: dict[str, str] = {}

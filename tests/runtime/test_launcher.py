@@ -244,6 +244,15 @@ def test_a_change_shows_in_the_sections_of_the_programs_that_read_it(cfg: Applia
     binary.unlink()
     binary.write_text("#!/bin/sh\n")
     assert changed(cfg) == {"model-chat", "model-emb", "model-vision"}
+    # A chat template file edited in place restarts its model only.
+    template = tree / "models" / "chat.jinja"
+    template.write_text("{{ messages }}")
+    templated = dataclasses.replace(cfg, models=(dataclasses.replace(chat, chat_template=str(template)),
+                                                 *cfg.models[1:]))
+    before = _sections(templated)
+    template.unlink()
+    template.write_text("{{ messages }}\n")
+    assert changed(templated) == {"model-chat"}
 
 
 def test_log_dir(tree: Path) -> None:  # noqa: F811
