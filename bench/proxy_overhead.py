@@ -1,152 +1,185 @@
-"""What the proxy costs: the same requests direct to the upstream and through the appliance, side by side, as ratios.
+"""Proxy overhead: the same small chat completion direct, through nginx, a bare Falcon proxy and the appliance.
 
-Usage: .venv/bin/python -m bench.proxy_overhead [--seconds 5] [--concurrency 1 16] [--no-llama]
-(uses wrk as the load generator when it is installed: apt-get install wrk)
+Usage: python -m bench.proxy_overhead [--seconds 5] [--concurrency 1 16 64] [--rounds 1]
 
-Two upstreams are measured in one run:
-- a stub llama-server (tests/stub_llama.py) answering a small chat completion: the proxy's own overhead, the number
-  that matters for high-rate embedding traffic;
-- the real llama-server with Gemma 3 270M serving embeddings (skipped with --no-llama or when setup has not run).
-The proxy is the real thing: gunicorn with the appliance's uvicorn workers. On a 2-core machine the load generator
-competes with the proxy for CPU; compare ratios from the same run only.
+One fast upstream for every path: nginx itself, answering a fixed chat completion (a Python stub would add its own
+cost to every path and hide the proxy's). The load generator is wrk with one thread, POSTing a JSON body with an
+Authorization header to /v1/chat/completions, with N connections (closed loop). Paths measured:
+
+  direct     wrk -> stub
+  nginx      wrk -> nginx reverse proxy (2 workers, pooled upstream connections) -> stub: a C proxy for reference
+  bare       wrk -> bench/bare_proxy.py (Falcon + aiohttp, nothing else) -> stub: the floor of this Python stack
+  appliance  wrk -> the appliance proxy (gunicorn -c GUNICORN_CONF, 2 workers, API keys on) -> stub
+
+The two Python proxies run under gunicorn with the same settings (2 uvicorn workers, uvloop, httptools). Reported per
+path and concurrency: requests/s, p50/p99 latency, p50 added over direct, and the CPU seconds the proxy's processes
+(arbiter + workers, or nginx master + workers) spent per 1,000 requests, read from /proc before and after each run,
+less what they spend at rest (measured first: heartbeats, readiness polls).
+Then the ratios, and whether the performance goals hold: at c=16 the appliance serves >= 0.85 x the bare proxy's
+requests/s, and at c=1 it adds <= 0.15 ms to the median latency over direct.
+
+Everything listens on 127.0.0.1 and is stopped at the end. Compare figures from the same run only: on a small machine
+the load generator, the stub and the proxy share the cores.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import shutil
-import socket
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
-import aiohttp
+from bench.bare_proxy import CLIENTS
+from bench.common import (
+    AUTH_HEADERS,
+    CHAT_PATH,
+    CHAT_REQUEST,
+    LOOPBACK,
+    Children,
+    appliance_config,
+    base_parser,
+    cpu_seconds,
+    fmt,
+    http,
+    idle_cpu_per_s,
+    machine_summary,
+    median,
+    run_main,
+    run_wrk,
+    say,
+    start_appliance_proxy,
+    start_bare_proxy,
+    start_nginx_proxy,
+    start_stub_nginx,
+    stub_model,
+    table,
+    temp_dir,
+    wait_ok,
+    wrk_script,
+)
 
-from tests.e2e.conftest import BINARY, MODEL_FILE, MODELS
-from tests.helpers import REPO, Proxy, free_port, stub_config, write_config
-
-CHAT_BODY = b'{"model":"chat-a","messages":[{"role":"user","content":"hi"}]}'
-EMBED_BODY = b'{"input":"The quick brown fox jumps over the lazy dog."}'
-
-
-async def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[float, float, float]:
-    """Closed-loop load: returns (requests per second, p50 ms, p99 ms)."""
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def one_client() -> None:
-            while time.perf_counter() < deadline:
-                t = time.perf_counter()
-                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
-                    await r.read()
-                    if r.status != 200:
-                        raise RuntimeError(f"{url}: HTTP {r.status}")
-                latencies.append(time.perf_counter() - t)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    latencies.sort()
-    return len(latencies) / elapsed, statistics.median(latencies) * 1000, latencies[int(len(latencies) * 0.99)] * 1000
-
-
-WRK_SCRIPT = """wrk.method = "POST"
-wrk.body = [==[%s]==]
-wrk.headers["Content-Type"] = "application/json"
-"""
+TARGETS = ("direct", "nginx", "bare", "appliance")
+GOAL_THROUGHPUT = 0.85  # appliance / bare requests per second at c=16
+GOAL_ADDED_P50_MS = 0.15  # appliance p50 minus direct p50 at c=1
 
 
-def wrk_load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[float, float, float]:
-    """The same measurement with wrk (a C load generator: less CPU taken from the proxy on a small machine)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_SCRIPT % body.decode())
-    argv = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "60s",
-            "-s", f.name, url]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    Path(f.name).unlink()
-
-    def ms(token: str) -> float:
-        unit = token.lstrip("0123456789.")
-        return float(token[: len(token) - len(unit)]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-    rps = float(next(line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec")))
-    pct = {line.split()[0]: ms(line.split()[1]) for line in out.splitlines() if line.strip().startswith(("50%", "99%"))}
-    if "Non-2xx" in out:
-        raise RuntimeError(f"{url}: non-2xx answers\n{out}")
-    return rps, pct["50%"], pct["99%"]
+@dataclass
+class Point:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_per_1k: float | None  # CPU seconds of the proxy's processes per 1,000 requests; None for direct
+    errors: int
 
 
-def start_stub(port: int) -> subprocess.Popen[bytes]:
-    """The stub in its own process, so that it does not share a GIL with the load generator."""
-    code = ("import time; from tests.stub_llama import StubLlama; "
-            f"StubLlama({port}).start(); time.sleep(10**6)")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("stub did not start")
+def summarize(points: list[Point]) -> Point:
+    """The median of each figure over the rounds."""
+    cpus = [p.cpu_per_1k for p in points if p.cpu_per_1k is not None]
+    return Point(median(p.rps for p in points), median(p.p50_ms for p in points), median(p.p99_ms for p in points),
+                 median(cpus) if cpus else None, sum(p.errors for p in points))
 
 
-def compare(label: str, direct: str, proxied: str, body: bytes, concurrencies: list[int], seconds: float) -> None:
-    use_wrk = shutil.which("wrk") is not None
-    for c in concurrencies:
-        asyncio.run(load(direct, body, c, 0.5))  # warm both paths
-        asyncio.run(load(proxied, body, c, 0.5))
-        if use_wrk:
-            d, p = wrk_load(direct, body, c, seconds), wrk_load(proxied, body, c, seconds)
-        else:
-            d, p = asyncio.run(load(direct, body, c, seconds)), asyncio.run(load(proxied, body, c, seconds))
-        print(f"{label:<28} c={c:<3} direct {d[0]:8.0f} req/s p50 {d[1]:6.2f} ms p99 {d[2]:7.2f} ms | "
-              f"appliance {p[0]:8.0f} req/s p50 {p[1]:6.2f} ms p99 {p[2]:7.2f} ms | "
-              f"throughput ratio {p[0] / d[0]:.2f}, p50 +{p[1] - d[1]:.2f} ms", flush=True)
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--no-llama", action="store_true", help="skip the real llama-server")
-    args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
-    chat_port, embed_port = free_port(), free_port()
-    procs = [start_stub(chat_port)]
-    use_llama = not args.no_llama and BINARY.is_file() and (MODELS / MODEL_FILE).is_file()
-    if use_llama:
-        embed_port = free_port()
-        argv = [str(BINARY), "--model", str(MODELS / MODEL_FILE), "--host", "127.0.0.1", "--port", str(embed_port),
-                "--embeddings", "--pooling", "mean", "--threads", "1", "--parallel", "4", "--ctx-size", "2048",
-                "--no-webui"]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+def report(results: dict[tuple[str, int], Point], concurrency: list[int]) -> None:
+    rows = []
+    for c in concurrency:
+        direct = results[("direct", c)]
+        for target in TARGETS:
+            p = results[(target, c)]
+            added = None if target == "direct" else p.p50_ms - direct.p50_ms
+            rows.append([target, str(c), fmt(p.rps, ",.0f"), fmt(p.p50_ms, ".3f"), fmt(p.p99_ms, ".3f"),
+                         fmt(added, "+.3f"), fmt(p.cpu_per_1k, ".3f"), str(p.errors)])
+    print(table(["path", "c", "req/s", "p50 ms", "p99 ms", "p50 +ms vs direct", "proxy CPU s/1k req", "errors"],
+                rows))
+    print()
+    rows = []
+    for c in concurrency:
+        d, n, b, a = (results[(t, c)] for t in TARGETS)
+        rows.append([str(c), fmt(ratio(a.rps, b.rps), ".2f"), fmt(ratio(a.rps, n.rps), ".2f"),
+                     fmt(ratio(a.rps, d.rps), ".2f"), fmt(ratio(b.rps, d.rps), ".2f"),
+                     fmt(ratio(a.cpu_per_1k, b.cpu_per_1k), ".2f"), fmt(ratio(a.cpu_per_1k, n.cpu_per_1k), ".2f"),
+                     fmt(a.p50_ms - b.p50_ms, "+.3f")])
+    print(table(["c", "req/s app/bare", "app/nginx", "app/direct", "bare/direct", "CPU/req app/bare",
+                 "CPU/req app/nginx", "p50 app-bare ms"], rows))
+    print()
+    if 16 in concurrency:
+        r = ratio(results[("appliance", 16)].rps, results[("bare", 16)].rps)
+        verdict = "met" if r is not None and r >= GOAL_THROUGHPUT else "NOT met"
+        print(f"goal: c=16 throughput >= {GOAL_THROUGHPUT} x bare: {fmt(r, '.2f')} x -> {verdict}")
     else:
-        procs.append(start_stub(embed_port))
-    doc = stub_config(tmp, chat_port, embed_port)
-    proxy = Proxy(write_config(tmp / "appliance.toml", doc), doc["server"]["port"])
-    try:
-        proxy.start(wait_ready=True)
-        print(f"proxy: gunicorn, {doc['server']['workers']} uvicorn workers, aiohttp upstream client; "
-              f"{args.seconds:g} s per point; load generator: {'wrk' if shutil.which('wrk') else 'aiohttp'}",
-              flush=True)
-        compare("stub chat completion", f"http://127.0.0.1:{chat_port}/v1/chat/completions",
-                proxy.url + "/v1/chat/completions", CHAT_BODY, args.concurrency, args.seconds)
-        if use_llama:
-            compare("llama-server embeddings", f"http://127.0.0.1:{embed_port}/v1/embeddings",
-                    proxy.url + "/v1/embeddings", EMBED_BODY, args.concurrency, args.seconds)
-    finally:
-        proxy.stop()
-        for proc in procs:
-            proc.terminate()
-            proc.wait()
+        print("goal: c=16 throughput: not measured (add 16 to --concurrency)")
+    if 1 in concurrency:
+        added = results[("appliance", 1)].p50_ms - results[("direct", 1)].p50_ms
+        verdict = "met" if added <= GOAL_ADDED_P50_MS else "NOT met"
+        print(f"goal: c=1 added p50 <= {GOAL_ADDED_P50_MS} ms over direct: {added:+.3f} ms -> {verdict}")
+    else:
+        print("goal: c=1 added p50: not measured (add 1 to --concurrency)")
+    if any(p.errors for p in results.values()):
+        print("WARNING: some requests failed (errors column): the figures of those rows are not comparable")
+
+
+def main() -> int:
+    parser = base_parser(__doc__)
+    parser.add_argument("--seconds", type=int, default=5, help="wrk duration of each measured run (default 5)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64],
+                        help="wrk connections, one set of runs each (default 1 16 64)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="seconds of unmeasured load before each run, 0 for none (default 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every path this many times, interleaved; medians are reported (default 1)")
+    parser.add_argument("--bare-client", choices=CLIENTS, default="aiohttp",
+                        help="upstream client of the bare proxy (default aiohttp, the appliance's)")
+    args = parser.parse_args()
+    tmp = temp_dir("overhead")
+    say(f"work directory {tmp}")
+    with Children() as kids:
+        say("starting the nginx stub, the nginx proxy, the bare proxy and the appliance proxy")
+        stub_port, _ = start_stub_nginx(kids, tmp / "stub")
+        nginx_port, nginx = start_nginx_proxy(kids, tmp / "nginx", stub_port)
+        bare_port, bare = start_bare_proxy(kids, tmp, stub_port, args.bare_client)
+        config, app_port = appliance_config(tmp, [stub_model(stub_port)])
+        appliance = start_appliance_proxy(kids, tmp, config, app_port)
+        ports = {"direct": stub_port, "nginx": nginx_port, "bare": bare_port, "appliance": app_port}
+        roots = {"direct": None, "nginx": nginx.pid, "bare": bare.pid, "appliance": appliance.pid}
+        urls = {t: f"http://{LOOPBACK}:{port}{CHAT_PATH}" for t, port in ports.items()}
+        # Every path must hand back the stub's bytes, or the comparison is not of like with like.
+        expected = http("POST", urls["direct"], CHAT_REQUEST.encode(), AUTH_HEADERS)[1]
+        for target, url in urls.items():
+            body = wait_ok(kids, target, "POST", url, CHAT_REQUEST.encode(), AUTH_HEADERS)
+            if body != expected:
+                raise RuntimeError(f"{target} answered {body[:200]!r}, not the stub's {expected[:200]!r}")
+        script = wrk_script(tmp, CHAT_REQUEST, AUTH_HEADERS)
+        say("measuring the proxies' CPU time at rest")
+        idle = {t: idle_cpu_per_s(root) for t, root in roots.items() if root is not None}
+        print(machine_summary())
+        print("proxy CPU at rest (subtracted from each run): "
+              + ", ".join(f"{t} {v * 1000:.1f} ms/s" for t, v in idle.items()))
+        print(f"wrk -t1, {args.seconds} s per run, {args.warmup} s warm-up, {args.rounds} round(s); "
+              f"bare proxy client: {args.bare_client}")
+        print()
+        points: dict[tuple[str, int], list[Point]] = {}
+        for c in args.concurrency:
+            for r in range(args.rounds):
+                for target in TARGETS:
+                    if args.warmup > 0:
+                        run_wrk(urls[target], script, c, args.warmup)
+                    root = roots[target]
+                    cpu0, t0 = cpu_seconds(root) if root is not None else 0.0, time.monotonic()
+                    w = run_wrk(urls[target], script, c, args.seconds)
+                    cpu = (cpu_seconds(root) - cpu0 - idle[target] * (time.monotonic() - t0)
+                           if root is not None else None)
+                    per_1k = cpu / w.requests * 1000 if cpu is not None and w.requests else None
+                    points.setdefault((target, c), []).append(Point(w.rps, w.p50_ms, w.p99_ms, per_1k, w.errors))
+                    say(f"c={c} round {r + 1}/{args.rounds} {target}: {w.rps:,.0f} req/s, p50 {w.p50_ms:.3f} ms, "
+                        f"p99 {w.p99_ms:.3f} ms" + (f", {per_1k:.3f} CPU s/1k req" if per_1k is not None else "")
+                        + (f", {w.errors} errors" if w.errors else ""))
+                    kids.check_alive()
+        report({k: summarize(v) for k, v in points.items()}, args.concurrency)
+        print(machine_summary(load_only=True))
+    say(f"stopped everything; logs were in {tmp}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
