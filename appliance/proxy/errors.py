@@ -17,11 +17,15 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
+    431: "invalid_request_error",
     500: "server_error",
     502: "server_error",
     503: "server_error",
     504: "server_error",
+    505: "invalid_request_error",
 }
 
 

@@ -9,10 +9,17 @@ socket, so it closes its own copy of it, still serves what arrives on its open c
 its response, and exits when its last connection is gone (see ``retire.py``). Closing idle connections itself would
 reset those accepted an instant before the socket closed, whose request is still on its way. Either way the main loop
 keeps ticking, so the arbiter keeps hearing from the worker and does not kill it for silence while a stream finishes.
+
+A worker whose arbiter died (SIGKILL, the OOM killer) retires the same way, on its own: nobody would ever stop it, and
+while it listens a restarted proxy cannot bind the port.
+
+Connections are served by ``protocol.LimitedHttpProtocol`` (uvicorn's httptools protocol with bounded heads, timeouts
+and a connection cap), configured from the app's config.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -25,15 +32,26 @@ from uvicorn_worker import UvicornWorker
 
 from appliance.proxy import retire
 from appliance.proxy.app import ProxyApp
+from appliance.proxy.protocol import protocol_for
+
+log = logging.getLogger("uvicorn.error")  # uvicorn-worker sends it to gunicorn's error log
 
 
 class DrainingServer(Server):
-    def __init__(self, config: Config, app: ProxyApp, grace_s: float) -> None:
+    def __init__(self, config: Config, app: ProxyApp, grace_s: float, arbiter_pid: int) -> None:
         super().__init__(config)
         self._app = app
         self._grace_s = grace_s
+        self._arbiter_pid = arbiter_pid
         self._drain_started: float | None = None
         self._retiring = False
+
+    def _stop(self, retiring: bool) -> None:
+        self._drain_started = time.monotonic()
+        self._retiring = retiring
+        self._app.runtime.closing = True
+        if not retiring:
+            self._app.runtime.draining = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM:
@@ -41,16 +59,16 @@ class DrainingServer(Server):
             # from the arbiter): only the first counts. SIGINT/SIGQUIT still mean "now"; the arbiter's SIGKILL after
             # graceful_timeout bounds a drain that never ends.
             if self._drain_started is None:
-                self._drain_started = time.monotonic()
-                self._retiring = retire.is_marked(retire.retiring_file(self._app.runtime.cfg), os.getpid())
-                self._app.runtime.closing = True
-                if not self._retiring:
-                    self._app.runtime.draining = True
+                self._stop(retiring=retire.is_marked(retire.retiring_file(self._app.runtime.cfg), os.getpid()))
             return
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
         # Runs on the event loop, not in the signal handler, where closing asyncio servers is not safe.
+        if self._drain_started is None and os.getppid() != self._arbiter_pid:
+            log.warning("the gunicorn arbiter (pid %d) is gone: no longer accepting connections, exiting once the "
+                        "open ones are done", self._arbiter_pid)
+            self._stop(retiring=True)
         if self._drain_started is not None:
             if self._retiring:
                 for server in self.servers:
@@ -64,7 +82,8 @@ class DrainingServer(Server):
 
 
 class ApplianceWorker(UvicornWorker):  # type: ignore[misc]
-    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "http": "httptools", "lifespan": "on"}
+    # "http" is set in _serve, from the app's config; no WebSocket is served.
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "ws": "none", "lifespan": "on"}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -75,7 +94,8 @@ class ApplianceWorker(UvicornWorker):  # type: ignore[misc]
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
-        server = DrainingServer(self.config, self.wsgi, self.grace_s)
+        self.config.http = protocol_for(self.wsgi.runtime.cfg.server)
+        server = DrainingServer(self.config, self.wsgi, self.grace_s, self.ppid)
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         if not server.started:
