@@ -29,6 +29,8 @@ STREAM_EVENTS = Histogram("appliance_stream_events", "Streams: SSE events passed
                           buckets=EVENT_COUNT_BUCKETS)
 IN_FLIGHT = Gauge("appliance_in_flight", "Requests being forwarded now, summed over the proxy's workers.", ["model"],
                   multiprocess_mode="livesum")
+# Answered below the app (malformed or oversized heads, deadlines, the connection cap): no route, model or event.
+HTTP_REFUSED = Counter("appliance_http_refused", "Requests refused by the HTTP layer before routing.", ["status"])
 QUEUE_FULL = Counter("appliance_queue_full", "Requests refused with 429: parallel + max_queue already in flight.",
                      ["model"])
 UPSTREAM_ERRORS = Counter("appliance_upstream_errors", "Failures talking to llama-server.", ["model", "kind"])

@@ -42,6 +42,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from appliance.config import ServerConfig
+from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import error_body
 
 # How long a refused connection keeps reading (and dropping) what its client still sends after the answer.
@@ -264,6 +265,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._refused = True
         self._cancel_timer()
         self.logger.info("%s%d %s", self._peer(), status, message)
+        metrics.HTTP_REFUSED.labels(str(status)).inc()
         cycle = self.cycle
         if self.pipeline or (cycle is not None and cycle.response_started and not cycle.response_complete):
             # A response is being sent (pipelining): nothing can be written in between.

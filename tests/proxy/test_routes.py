@@ -240,6 +240,7 @@ def test_the_queue_bound_counts_across_workers(api: tuple[Proxy, Exporter], chat
         if r.status_code == 429:
             retry_after.append(r.headers.get("retry-after", ""))
             assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            assert r.json()["error"]["type"] == "rate_limit_error"
 
     threads = [threading.Thread(target=call) for _ in range(8)]
     for t in threads:
@@ -270,3 +271,11 @@ def test_the_readme_lists_every_route_and_every_refusal() -> None:
         assert f"| `POST {route.path}` | {' or '.join(route.kinds)} |" in api, route.path
     for path in UNEXPOSED:
         assert f"| `{path}` |" in api, path
+
+
+def test_refusals_below_the_app_are_counted(api: tuple[Proxy, Exporter]) -> None:
+    proxy, exporter = api
+    r = httpx.get(proxy.url + "/v1/models?q=" + "x" * 9000, headers={"x-api-key": KEY})
+    assert r.status_code == 414 and r.json()["error"]["code"] == "uri_too_long"
+    parsed = samples(httpx.get(exporter.url + "/metrics").text)
+    assert value(parsed, "appliance_http_refused_total", status="414") >= 1
