@@ -83,7 +83,9 @@ class DrainingServer(Server):
 
 class ApplianceWorker(UvicornWorker):  # type: ignore[misc]
     # "http" is set in _serve, from the app's config; no WebSocket is served.
-    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "ws": "none", "lifespan": "on"}
+    # No "Server: uvicorn" header: it tells a scanner on the LAN what to try.
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "ws": "none", "lifespan": "on",
+                                               "server_header": False}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -279,3 +279,8 @@ def test_refusals_below_the_app_are_counted(api: tuple[Proxy, Exporter]) -> None
     assert r.status_code == 414 and r.json()["error"]["code"] == "uri_too_long"
     parsed = samples(httpx.get(exporter.url + "/metrics").text)
     assert value(parsed, "appliance_http_refused_total", status="414") >= 1
+
+
+def test_no_server_header_names_the_software(api: tuple[Proxy, Exporter]) -> None:
+    for r in (httpx.get(api[0].url + "/livez"), httpx.get(api[0].url + "/x" * 5000)):
+        assert "server" not in r.headers, r.headers
