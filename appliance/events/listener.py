@@ -24,7 +24,7 @@ from supervisor import childutils
 
 from appliance.config import ApplianceConfig, ModelConfig, load
 from appliance.events.sink import append_jsonl
-from appliance.metrics import read_restarts_file, restarts_file
+from appliance.metrics import read_lifecycle_dropped, read_restarts_file, restarts_file
 from appliance.runtime.names import program_name
 
 _TYPES = {
@@ -60,15 +60,26 @@ class Listener:
         self.models: dict[str, ModelConfig] = {program_name(m): m for m in cfg.models}
         self._model_names = {p: m.name for p, m in self.models.items()}
         self.restarts: dict[str, int] = {}
+        #: Lifecycle events that could not be written (appliance_events_dropped_total{sink="lifecycle"}).
+        self.dropped = 0
         self._lock = threading.Lock()
+        self._counters_lock = threading.Lock()  # readiness watchers save from their threads too
         # Bumped at every state change of a model: a readiness watcher from an older start gives up.
         self._generation: dict[str, int] = {}
         self._supervisord_log = cfg.log_dir / "supervisord.log"
 
     def write(self, event: dict[str, Any]) -> None:
+        """Append one event; one that cannot be written (a full disk...) is counted and the listener carries on, since
+        supervisord's event flow must not stop."""
         ev = self.cfg.events
         with self._lock:
-            append_jsonl(self.cfg.events_file, [event], ev.max_bytes, ev.backups)
+            try:
+                append_jsonl(self.cfg.events_file, [event], ev.max_bytes, ev.backups)
+            except OSError as e:
+                self.dropped += 1
+                print(f"events: cannot record {event['type']} of {event['program']}: {e}", file=sys.stderr,
+                      flush=True)
+                self._save_counters()
 
     def _exit(self, program: str) -> dict[str, Any]:
         """``exit_status`` or ``exit_signal`` of the program's last exit, from supervisord's log."""
@@ -87,13 +98,19 @@ class Listener:
 
     def _count_restart(self, program: str) -> None:
         self.restarts[program] = self.restarts.get(program, 0) + 1
-        self._write_restarts()
+        self._save_counters()
 
-    def _write_restarts(self) -> None:
+    def _save_counters(self) -> None:
+        """Best effort: on a full disk the exporter shows the last counts saved until a later save succeeds."""
         path = restarts_file(self.cfg)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"supervisord_pid": os.getppid(), "counts": self.restarts}))
-        tmp.replace(path)
+        state = {"supervisord_pid": os.getppid(), "counts": self.restarts, "events_dropped": self.dropped}
+        with self._counters_lock:
+            try:
+                tmp.write_text(json.dumps(state))
+                tmp.replace(path)
+            except OSError as e:
+                print(f"events: cannot save the counters to {path}: {e}", file=sys.stderr, flush=True)
 
     def _watch_ready(self, program: str, generation: int) -> None:
         """Poll the child's /health until it answers 200 (ready) or its state changes again."""
@@ -132,15 +149,14 @@ class Listener:
         # Counts start at zero with supervisord, like the proxy's metrics: a previous run's file must not linger. A
         # listener restarted by `appliance reload` under the same supervisord carries on counting.
         pid, counts = read_restarts_file(restarts_file(self.cfg))
-        self.restarts = counts if pid == os.getppid() else {}
-        self._write_restarts()
+        same = pid == os.getppid()
+        self.restarts = counts if same else {}
+        self.dropped = read_lifecycle_dropped(self.cfg) if same else 0
+        self._save_counters()
         while True:
             headers, payload = childutils.listener.wait(stdin, stdout)
             fields, _ = childutils.eventdata(payload + "\n")
-            try:
-                self.handle(headers["eventname"], fields)
-            except OSError as e:  # a full disk must not stop supervisord's event flow
-                print(f"events: cannot record {headers['eventname']}: {e}", file=sys.stderr, flush=True)
+            self.handle(headers["eventname"], fields)
             childutils.listener.ok(stdout)
 
 

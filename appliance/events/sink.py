@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,24 @@ def append_jsonl(path: Path, events: Iterable[Event], max_bytes: int, backups: i
                 path.replace(path.with_name(f"{path.name}.1"))
             else:
                 path.unlink()
-        with open(path, "ab") as f:
-            f.write(data)
+        _append_whole(path, data)
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append all of ``data`` or nothing: on a full disk a partial write would leave a torn line, which the next event
+    (once space is freed) would be glued to. The caller holds the lock, so no one else appends meanwhile."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 class EventSink:

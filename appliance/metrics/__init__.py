@@ -17,13 +17,20 @@ def multiproc_dir(cfg: ApplianceConfig) -> Path:
 
 
 def restarts_file(cfg: ApplianceConfig) -> Path:
-    """Restart counts per program, kept by the supervisord event listener."""
+    """The supervisord event listener's counters: restarts per program, lifecycle events it could not write."""
     return Path(cfg.supervision.runtime_dir) / "restarts.json"
 
 
 def read_restarts(cfg: ApplianceConfig) -> dict[str, int]:
     """{program: restarts} as the listener last wrote it; empty before the first restart or without supervisord."""
     return read_restarts_file(restarts_file(cfg))[1]
+
+
+def read_lifecycle_dropped(cfg: ApplianceConfig) -> int:
+    """Lifecycle events the listener could not write to the event log (a full disk...), as it last recorded them."""
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        return int(json.loads(restarts_file(cfg).read_text()).get("events_dropped", 0))
+    return 0
 
 
 def read_restarts_file(path: Path) -> tuple[int | None, dict[str, int]]:

@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from appliance.config import ApplianceConfig, load
-from appliance.metrics import MULTIPROC_ENV, multiproc_dir, read_restarts
+from appliance.metrics import MULTIPROC_ENV, multiproc_dir, read_lifecycle_dropped, read_restarts
 from appliance.runtime.names import program_name
 from appliance.runtime.supervisor_rpc import all_process_info
 
@@ -65,7 +65,9 @@ class Exporter:
             self._supervisor(),
         )
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(multiproc_dir(self.cfg)))  # type: ignore[no-untyped-call]
+        proxy = MultiProcessCollector(None, path=str(multiproc_dir(self.cfg)))  # type: ignore[no-untyped-call]
+        proxy_families = proxy.collect()  # type: ignore[no-untyped-call]
+        registry.register(_Static(list(_with_lifecycle_drops(proxy_families, read_lifecycle_dropped(self.cfg)))))
         registry.register(_Static(list(self._families(child_metrics, child_health, infos))))
         return generate_latest(registry)
 
@@ -117,6 +119,24 @@ class Exporter:
             p_start.add_metric(labels, float(info["start"]))
             p_restarts.add_metric(labels, float(restarts.get(prog, 0)))
         yield from (p_up, p_state, p_start, p_restarts)
+
+
+def _with_lifecycle_drops(proxy_families: Iterable[Any], dropped: int) -> Iterable[Any]:
+    """The proxy workers' families, with the event listener's dropped lifecycle events added to
+    ``appliance_events_dropped_total`` as ``sink="lifecycle"``: one family per name, or the exposition is invalid."""
+    from prometheus_client.core import CounterMetricFamily
+
+    found = False
+    for fam in proxy_families:
+        if fam.name == "appliance_events_dropped":
+            fam.add_sample("appliance_events_dropped_total", {"sink": "lifecycle"}, float(dropped))
+            found = True
+        yield fam
+    if not found:
+        fam = CounterMetricFamily("appliance_events_dropped", "Events dropped (queue full or collector down).",
+                                  labels=["sink"])
+        fam.add_metric(["lifecycle"], float(dropped))
+        yield fam
 
 
 class _Static:

@@ -128,6 +128,7 @@ class Forward:
         headers = {h: v for h in UPSTREAM_HEADERS if (v := req.get_header(h))}
         headers["x-request-id"] = req.context.request_id
         disconnect = asyncio.ensure_future(wait_disconnect(receive))
+        rt.watches.add(disconnect)
         handed_over = False
         try:
             up = await self._send(model, body, headers, disconnect, req.context.request_id)
@@ -150,14 +151,16 @@ class Forward:
                 resp.data = data
             else:
                 ex.relayed = True
-                resp.stream = relay(up, disconnect, ex, lambda: self._done(model, ex))
+                resp.stream = relay(up, disconnect, ex, lambda: self._done(model, ex, disconnect))
                 handed_over = True
         finally:
             if not handed_over:
                 disconnect.cancel()
+                rt.watches.discard(disconnect)
                 rt.leave(model)
 
-    def _done(self, model: ModelConfig, ex: Exchange) -> None:
+    def _done(self, model: ModelConfig, ex: Exchange, disconnect: asyncio.Future[None]) -> None:
+        self.rt.watches.discard(disconnect)
         self.rt.leave(model)
         finish(self.rt.events, ex)
 
@@ -171,6 +174,9 @@ class Forward:
             sending.cancel()
             with contextlib.suppress(asyncio.CancelledError, UpstreamError):
                 await sending
+            if disconnect.cancelled():
+                raise ApiError(503, "this server is shutting down and its grace period is over; retry (another host)",
+                               "draining", {"Retry-After": "1"})
             if disconnect.done():
                 raise ApiError(499, "client closed the request", "client_closed")
             metrics.UPSTREAM_ERRORS.labels(model.name, "timeout").inc()

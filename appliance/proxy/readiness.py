@@ -86,7 +86,9 @@ class Readiness:
                 st.set(READY)
             elif statename == "FATAL":
                 st.set(FAILED)
-            elif statename in ("STOPPED", "STOPPING", "EXITED"):
+            elif statename in ("STOPPED", "STOPPING"):
+                # Only an operator's stop. EXITED is supervisord's state between a crash and the restart it makes
+                # (autorestart=true): that is the "restarting" below.
                 st.set(STOPPED)
             else:
                 # Not answering, or answering 503 while it loads: a model that was ready before is restarting.

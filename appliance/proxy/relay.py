@@ -24,7 +24,8 @@ async def wait_disconnect(receive: Receive) -> None:
 
 async def relay(up: UpstreamResponse, disconnect: asyncio.Future[None], ex: Exchange,
                 done: Callable[[], None]) -> AsyncIterator[bytes]:
-    """Pass chunks through as they arrive, racing every read against the client's disconnect.
+    """Pass chunks through as they arrive, racing every read against the client's disconnect (or a cut: the watch
+    cancelled by ``Runtime.cut``).
 
     uvicorn turns send() into a no-op once the client has gone, and Falcon keeps iterating the stream; without this
     race llama-server would keep generating for nobody. The upstream is closed here, in the task that reads it.
@@ -38,6 +39,9 @@ async def relay(up: UpstreamResponse, disconnect: asyncio.Future[None], ex: Exch
             if not nxt.done():
                 nxt.cancel()
                 up.close()
+                if disconnect.cancelled() and ex.stream:  # cut by the worker's shutdown, the client is still there
+                    yield sse_error_event("the server is shutting down and its grace period is over; the answer is "
+                                          "incomplete", "draining")
                 return
             try:
                 chunk = nxt.result()

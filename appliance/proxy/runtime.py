@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ class Runtime:
         self.draining = False
         #: The worker is on its way out (draining or retiring): every response closes its connection.
         self.closing = False
+        #: Each in-flight request's watch for its client's disconnect; ``cut`` cancels them all.
+        self.watches: set[asyncio.Future[None]] = set()
         self.started = int(time.time())
         self.names: dict[str, ModelConfig] = {}
         for m in cfg.models:
@@ -48,6 +51,12 @@ class Runtime:
         self.load.leave(model.name)
         self.in_flight -= 1
         metrics.IN_FLIGHT.labels(model.name).dec()
+
+    def cut(self) -> None:
+        """The drain's grace period is over: end every request still in flight now, each with a proper answer (an
+        SSE error event, or 503), rather than leave them to be cancelled mid-write when the worker exits."""
+        for watch in list(self.watches):
+            watch.cancel()
 
     def default_model(self, kind: str) -> ModelConfig | None:
         return next((m for m in self.cfg.models if m.kind == kind), None)

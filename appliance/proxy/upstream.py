@@ -97,10 +97,12 @@ class Upstream:
                 raw = await self.session.request(method, url, data=body, headers=headers, allow_redirects=False)
             except aiohttp.ClientConnectorError as e:
                 raise UpstreamError("refused", f"cannot connect to {url}: {e.os_error}") from e
-            except aiohttp.ServerDisconnectedError as e:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # Closed under us while the request was written or before any answer ("Can not write request
+                # body", a reset): nothing was answered, so nothing was done.
                 if attempt == 1:
                     continue
-                raise UpstreamError("reset", f"{url} closed the connection without answering: {e}") from e
+                raise UpstreamError("reset", f"{url} closed the connection without answering: {e!r}") from e
             except (aiohttp.ClientError, ConnectionError) as e:
                 raise UpstreamError("reset", f"{url} failed: {e!r}") from e
             return UpstreamResponse(raw)

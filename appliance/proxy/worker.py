@@ -45,6 +45,7 @@ class DrainingServer(Server):
         self._arbiter_pid = arbiter_pid
         self._drain_started: float | None = None
         self._retiring = False
+        self._cut_at: float | None = None
 
     def _stop(self, retiring: bool) -> None:
         self._drain_started = time.monotonic()
@@ -76,8 +77,14 @@ class DrainingServer(Server):
                 done = not self.server_state.connections
             else:
                 done = self._app.runtime.in_flight <= 0
-            if done or time.monotonic() - self._drain_started >= self._grace_s:
+            now = time.monotonic()
+            if done or (self._cut_at is not None and now - self._cut_at >= 1.0):
                 self.should_exit = True
+            elif self._cut_at is None and now - self._drain_started >= self._grace_s:
+                # Requests still running get their ending (an SSE error event, a 503) before the worker exits; left
+                # to uvicorn's shutdown they would be cancelled in the middle of a write.
+                self._app.runtime.cut()
+                self._cut_at = now
         return await super().on_tick(counter)
 
 

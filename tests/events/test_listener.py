@@ -11,6 +11,7 @@ import pytest
 
 from appliance.config import parse
 from appliance.events.listener import Listener, lifecycle_event
+from appliance.metrics import read_lifecycle_dropped
 from tests.config.test_config import base_doc, tree  # noqa: F401  (fixture)
 
 MODELS = {"model-chat": "chat"}
@@ -69,4 +70,21 @@ def test_restart_counts_survive_a_listener_restart_but_not_a_new_supervisord(tre
     assert start_listener() == {"model-chat": 2}  # restarted by `appliance reload`: same supervisord
     counts.write_text(json.dumps({"supervisord_pid": os.getppid() + 1, "counts": {"model-chat": 2}}))
     assert start_listener() == {}  # a new supervisord: counting starts again
-    assert json.loads(counts.read_text()) == {"supervisord_pid": os.getppid(), "counts": {}}
+    assert json.loads(counts.read_text()) == {"supervisord_pid": os.getppid(), "counts": {}, "events_dropped": 0}
+
+
+def test_lifecycle_events_that_cannot_be_written_are_counted(tree: Path) -> None:  # noqa: F811
+    doc = base_doc(tree)
+    doc["supervision"] = {"runtime_dir": str(tree / "run")}
+    (tree / "run").mkdir()
+    (tree / "full").write_text("")  # a file where the event log's directory should be: every append fails
+    doc["events"] = {"file": str(tree / "full" / "events.jsonl")}
+    cfg = parse(doc, tree)
+    listener = Listener(cfg)
+    listener.handle("PROCESS_STATE_STOPPED", {"processname": "exporter", "from_state": "STOPPING"})
+    listener.handle("PROCESS_STATE_STARTING", {"processname": "exporter", "from_state": "STOPPED"})
+    assert read_lifecycle_dropped(cfg) == 2
+    # A listener restarted under the same supervisord carries on counting: the counter never goes backwards.
+    with pytest.raises((EOFError, KeyError, ValueError)):
+        Listener(cfg).run(io.StringIO(""), io.StringIO())
+    assert read_lifecycle_dropped(cfg) == 2

@@ -161,3 +161,28 @@ def test_a_dead_child_gives_up_zero_not_a_failed_scrape(stack: tuple[Proxy, Expo
     assert value(parsed, "appliance_model_up", model="embed-a") == 0
     assert value(parsed, "appliance_model_up", model="chat-a") == 1
     assert value(parsed, "llamacpp:prompt_tokens_total", model="chat-a") == 12
+
+
+def test_lifecycle_events_the_listener_dropped_join_the_drop_counter(stack: tuple[Proxy, Exporter, StubLlama, StubLlama]
+                                                                     ) -> None:
+    proxy, exporter, _, _ = stack
+    counters = proxy.config_path.parent / "run" / "restarts.json"  # the listener's counters
+    counters.write_text(json.dumps({"supervisord_pid": 1, "counts": {}, "events_dropped": 3}))
+    try:
+        r, parsed = scrape(exporter)
+    finally:
+        counters.unlink()
+    assert value(parsed, "appliance_events_dropped_total", sink="lifecycle") == 3
+    assert r.text.count("# TYPE appliance_events_dropped_total counter") == 1
+
+
+def test_the_drop_counter_stays_one_family_when_the_proxy_dropped_events_too() -> None:
+    from prometheus_client.core import CounterMetricFamily
+
+    from appliance.metrics.exporter import _with_lifecycle_drops
+
+    proxy = CounterMetricFamily("appliance_events_dropped", "Events dropped.", labels=["sink"])
+    proxy.add_metric(["file"], 5.0)
+    families = list(_with_lifecycle_drops([proxy], 2))
+    assert len(families) == 1
+    assert {(s.labels["sink"], s.value) for s in families[0].samples} == {("file", 5.0), ("lifecycle", 2.0)}
