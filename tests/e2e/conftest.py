@@ -86,13 +86,13 @@ class Appliance:
         return self.proc.wait()
 
 
-def start_appliance(tmp: Path, models: list[dict[str, Any]], server: dict[str, Any] | None = None,
+def start_appliance(tmp: Path, models: list[dict[str, Any]], sections: dict[str, dict[str, Any]] | None = None,
                     **supervision: Any) -> Appliance:
+    """`appliance up` on a config for ``models``; ``sections`` are merged over the defaults (``{"events": {...}}``)."""
     if not BINARY.is_file() or not (MODELS / MODEL_FILE).is_file():
         pytest.fail(f"{BINARY} or {MODELS / MODEL_FILE} missing: run scripts/setup.sh first (the README's command)")
     doc: dict[str, Any] = {
-        "server": {"bind": ["127.0.0.1"], "port": free_port(), "workers": 2, "graceful_timeout_s": 10,
-                   **(server or {})},
+        "server": {"bind": ["127.0.0.1"], "port": free_port(), "workers": 2, "graceful_timeout_s": 10},
         "metrics": {"port": free_port()},
         "llama_server": {"binary": str(BINARY), "allowed_binary_prefixes": [str(BINARY.parent)],
                          "models_dir": str(tmp / "models")},
@@ -100,6 +100,8 @@ def start_appliance(tmp: Path, models: list[dict[str, Any]], server: dict[str, A
                         "backoff_initial_s": 0.5, "backoff_max_s": 2.0, **supervision},
         "models": models,
     }
+    for name, values in (sections or {}).items():
+        doc[name] = {**doc.get(name, {}), **values}
     (tmp / "models").mkdir(exist_ok=True)
     # Validation follows symlinks, so the file itself must lie under this models_dir: hard-link it (or copy).
     target = tmp / "models" / MODEL_FILE

@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.e2e import conftest as e2e
 from tests.e2e.conftest import Appliance
-from tests.helpers import free_port, samples, write_config
+from tests.helpers import free_port, samples
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -39,22 +37,6 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str | Callab
             return
         time.sleep(interval)
     raise TimeoutError(f"{what() if callable(what) else what} (after {timeout:g} s)")
-
-
-def start_with(tmp: Path, models: list[dict[str, Any]], sections: dict[str, dict[str, Any]],
-               **supervision: Any) -> Appliance:
-    """``start_appliance`` with more settings merged into its config, e.g. an ``[events]`` section.
-
-    start_appliance builds the document and starts `appliance up` in one go, so the extra sections are merged in where
-    it writes the file; they stay visible in ``Appliance.doc``."""
-    def merged(path: Path, doc: dict[str, Any]) -> Path:
-        for name, values in sections.items():
-            doc[name] = {**doc.get(name, {}), **values}
-        return write_config(path, doc)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(e2e, "write_config", merged)
-        return e2e.start_appliance(tmp, models, **supervision)
 
 
 def scrape(app: Appliance) -> Samples:

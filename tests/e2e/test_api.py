@@ -23,7 +23,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     models = [{**chat_model(free_port()), "chat_template": "gemma"},
               {"name": "gemma-3-270m-rerank", "file": MODEL_FILE, "kind": "rerank", "port": free_port(),
                "ctx_size": 1024, "threads": 1, "parallel": 1}]
-    app = start_appliance(tmp, models, server={"api_keys_file": str(tmp / "keys")})
+    app = start_appliance(tmp, models, {"server": {"api_keys_file": str(tmp / "keys")}})
     try:
         app.wait_health(200)
         yield app

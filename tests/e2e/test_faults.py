@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Appliance, chat_model
+from tests.e2e.conftest import Appliance, chat_model, start_appliance
 from tests.e2e.faults_support import (
     Collector,
     StreamOutcome,
@@ -35,7 +35,6 @@ from tests.e2e.faults_support import (
     descendants,
     listeners,
     scrape,
-    start_with,
     stream,
     tmpfs,
     wait_for,
@@ -64,7 +63,7 @@ def app(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Itera
     # collector that hangs show up as drops within seconds rather than after 20 batches.
     events = {"file": str(tmp / "eventlog" / "events.jsonl"), "url": collector.url, "flush_interval_s": 0.2,
               "batch_size": 20, "queue_size": 60}
-    a = start_with(tmp, [{**chat_model(free_port(), CHAT), "parallel": 4}], {"events": events})
+    a = start_appliance(tmp, [{**chat_model(free_port(), CHAT), "parallel": 4}], {"events": events})
     try:
         a.wait_health(200)
         a.wait_running()
@@ -344,7 +343,7 @@ def test_event_log_disk_full_and_collector_down_or_hanging(app: Appliance, colle
 def test_sigterm_of_the_appliance_with_streams_and_a_sequential_client(tmp_path: Path) -> None:
     """Streams in flight finish; a client sending one request after another on a kept-alive connection gets full
     answers, then `503 draining`, then refused connections; nothing of this appliance keeps running."""
-    a = start_with(tmp_path, [{**chat_model(free_port(), CHAT), "parallel": 4}],
+    a = start_appliance(tmp_path, [{**chat_model(free_port(), CHAT), "parallel": 4}],
                    {"server": {"graceful_timeout_s": 30}})
     try:
         a.wait_health(200)
@@ -395,7 +394,7 @@ def test_sigterm_of_the_appliance_with_streams_and_a_sequential_client(tmp_path:
 def test_a_stream_that_outlives_the_grace_period_ends_with_an_error_event(tmp_path: Path) -> None:
     """server.graceful_timeout_s bounds a stop: a stream still running then is cut, and like any broken stream it
     must end with an SSE error event, not a truncated chunked body and an "Exception in ASGI application" in the log."""
-    a = start_with(tmp_path, [chat_model(free_port(), CHAT)], {"server": {"graceful_timeout_s": 2}})
+    a = start_appliance(tmp_path, [chat_model(free_port(), CHAT)], {"server": {"graceful_timeout_s": 2}})
     try:
         a.wait_health(200)
         a.wait_running()

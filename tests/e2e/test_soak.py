@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from appliance.config import load
-from tests.e2e.conftest import chat_model
-from tests.e2e.faults_support import start_with
+from tests.e2e.conftest import chat_model, start_appliance
 from tests.e2e.soak import Soak
 from tests.helpers import free_port
 
 
 def test_one_minute_of_mixed_traffic_from_16_clients(tmp_path: Path) -> None:
     # parallel 4: its queue bound (parallel + max_queue = 20 by default) admits all 16 clients, so no 429 either.
-    app = start_with(tmp_path, [{**chat_model(free_port()), "parallel": 4}], {})
+    app = start_appliance(tmp_path, [{**chat_model(free_port()), "parallel": 4}], {})
     try:
         app.wait_health(200)
         app.wait_running()
