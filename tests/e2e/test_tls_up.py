@@ -21,13 +21,14 @@ def test_up_serves_https_and_reload_serves_a_certificate_rotated_in_place(tmp_pa
     first_ca = TestCA(tmp_path / "ca", "first CA")
     cert, key = first_ca.issue(tmp_path / "tls", "server")
     (tmp_path / "keys").write_text(f"{KEY}\n")
-    app = start_appliance(tmp_path, [chat_model(free_port(), "chat")], server={
-        "api_keys_file": str(tmp_path / "keys"), "tls_cert_file": str(cert), "tls_key_file": str(key)})
+    app = start_appliance(tmp_path, [chat_model(free_port(), "chat")], {"server": {
+        "api_keys_file": str(tmp_path / "keys"), "tls_cert_file": str(cert), "tls_key_file": str(key)}})
     url = f"https://127.0.0.1:{app.doc['server']['port']}"
     try:
         # up probes its own /health over HTTPS to report progress, and says where clients connect.
-        wait_for(lambda: f"ready: every model serves at {url}/v1" in app.log.read_text(), 180,
-                 "appliance up never reported ready over https")
+        wait_for(lambda: f"ready: every model serves at {url}/v1" in app.log.read_text() or app.proc.poll() is not None,
+                 180, "appliance up never reported ready over https")
+        assert app.proc.poll() is None, app.log.read_text()[-3000:]
         log = app.log.read_text()
         assert f"OpenAI API: {url}/v1  health: {url}/health" in log
         assert "warning" not in log  # loopback bind, valid certificate
