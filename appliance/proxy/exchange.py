@@ -9,6 +9,7 @@ from typing import Any
 
 from appliance.events.sink import EventSink
 from appliance.metrics import proxy as metrics
+from appliance.metrics.proxy import child
 
 #: Probes need no key and emit no event (a load balancer polls them several times a second).
 PROBES = frozenset({"/health", "/livez"})
@@ -62,12 +63,12 @@ class Exchange:
 def finish(events: EventSink, ex: Exchange) -> None:
     """Record the metrics that need the whole response, and emit the request's event."""
     total = time.perf_counter() - ex.t0
-    metrics.DURATION_SECONDS.labels(ex.route, ex.model).observe(total)
-    metrics.RESPONSE_BYTES.labels(ex.route, ex.model).inc(ex.bytes_out)
+    child(metrics.DURATION_SECONDS, ex.route, ex.model).observe(total)
+    child(metrics.RESPONSE_BYTES, ex.route, ex.model).inc(ex.bytes_out)
     if ex.stream:
-        metrics.STREAM_EVENTS.labels(ex.model).observe(ex.events)
+        child(metrics.STREAM_EVENTS, ex.model).observe(ex.events)
         if ex.first_event_s is not None:
-            metrics.FIRST_TOKEN_SECONDS.labels(ex.model).observe(ex.first_event_s)
+            child(metrics.FIRST_TOKEN_SECONDS, ex.model).observe(ex.first_event_s)
     if ex.route in PROBES:
         return
     event: dict[str, Any] = {

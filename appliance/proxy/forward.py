@@ -14,9 +14,11 @@ import falcon.asgi
 
 from appliance.config import ModelConfig
 from appliance.metrics import proxy as metrics
+from appliance.metrics.proxy import child
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import Exchange, finish
-from appliance.proxy.relay import Receive, relay, wait_disconnect
+from appliance.proxy.protocol import GONE_KEY
+from appliance.proxy.relay import Receive, relay
 from appliance.proxy.routes import Route
 from appliance.proxy.runtime import Runtime
 from appliance.proxy.upstream import UpstreamError, UpstreamResponse
@@ -115,8 +117,9 @@ class Forward:
         body = await read_body(req, receive, rt.cfg.server.body_limit_bytes)
         model = self._model(parse_json(body))
         ex: Exchange = req.context.exchange
+        ex.route = self.route.path
         ex.model = model.name
-        metrics.REQUEST_BYTES.labels(ex.route, model.name).inc(len(body))
+        child(metrics.REQUEST_BYTES, ex.route, model.name).inc(len(body))
         if not rt.readiness.is_ready(model):
             state = rt.readiness.models[model.name].state
             raise ApiError(503, f"model {model.name!r} is not ready ({state}); retry shortly", "model_not_ready",
@@ -127,7 +130,7 @@ class Forward:
                            "(parallel + max_queue); retry shortly", "rate_limit_exceeded", {"Retry-After": "1"})
         headers = {h: v for h in UPSTREAM_HEADERS if (v := req.get_header(h))}
         headers["x-request-id"] = req.context.request_id
-        disconnect = asyncio.ensure_future(wait_disconnect(receive))
+        disconnect: asyncio.Future[None] = req.scope[GONE_KEY]()
         rt.watches.add(disconnect)
         handed_over = False
         try:

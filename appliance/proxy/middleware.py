@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -12,6 +12,7 @@ import falcon
 import falcon.asgi
 
 from appliance.metrics import proxy as metrics
+from appliance.metrics.proxy import child
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import PROBES, Exchange, finish
 from appliance.proxy.runtime import Runtime
@@ -40,7 +41,7 @@ class Middleware:
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         rt = self.rt
         incoming = req.get_header("x-request-id")
-        req.context.request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        req.context.request_id = incoming if incoming and _REQUEST_ID.match(incoming) else os.urandom(16).hex()
         ex = req.context.exchange = Exchange(req.context.request_id, time.perf_counter())
         req.context.cors_origin = None
         if rt.cors_origins and (origin := req.get_header("origin")):
@@ -76,10 +77,6 @@ class Middleware:
         key = req.get_header("x-api-key")
         return self.rt.key_name(key.strip().encode()) if key and key.strip() else None
 
-    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
-                               params: dict[str, Any]) -> None:
-        req.context.exchange.route = req.uri_template
-
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object,
                                req_succeeded: bool) -> None:
         resp.set_header("X-Request-Id", req.context.request_id)
@@ -91,10 +88,12 @@ class Middleware:
             resp.set_header("Access-Control-Expose-Headers", _EXPOSED)
             resp.set_header("Vary", "Origin")
         ex: Exchange = req.context.exchange
+        if req.uri_template:  # the route that answered (Forward sets it itself, it needs it earlier)
+            ex.route = req.uri_template
         ex.status = int(resp.status_code)
         ex.headers_s = time.perf_counter() - ex.t0
-        metrics.REQUESTS.labels(ex.route, ex.model, str(ex.status), ex.client).inc()
-        metrics.HEADERS_SECONDS.labels(ex.route, ex.model).observe(ex.headers_s)
+        child(metrics.REQUESTS, ex.route, ex.model, str(ex.status), ex.client).inc()
+        child(metrics.HEADERS_SECONDS, ex.route, ex.model).observe(ex.headers_s)
         if not ex.relayed:
             ex.bytes_out = len(resp.data or b"")
             finish(self.rt.events, ex)

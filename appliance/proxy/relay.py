@@ -15,47 +15,22 @@ from appliance.proxy.upstream import UpstreamError, UpstreamResponse
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 
-async def wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def relay(up: UpstreamResponse, disconnect: asyncio.Future[None], ex: Exchange,
                 done: Callable[[], None]) -> AsyncIterator[bytes]:
-    """Pass chunks through as they arrive, racing every read against the client's disconnect (or a cut: the watch
-    cancelled by ``Runtime.cut``).
+    """Pass chunks through as they arrive until the body ends, the upstream fails or the client leaves.
 
-    uvicorn turns send() into a no-op once the client has gone, and Falcon keeps iterating the stream; without this
-    race llama-server would keep generating for nobody. The upstream is closed here, in the task that reads it.
-    ``done`` runs once the body has ended, however it ended.
+    uvicorn turns send() into a no-op once the client has gone, and Falcon keeps iterating the stream; without a watch
+    llama-server would keep generating for nobody. ``disconnect`` (the connection's watch, or cancelled by
+    ``Runtime.cut`` at the end of a drain) closes the upstream response the moment it is done, which ends the read
+    below at once: one callback per request instead of a race per chunk. ``done`` runs once the body has ended,
+    however it ended.
     """
-    chunks = up.chunks().__aiter__()
+    def close(_: asyncio.Future[None]) -> None:
+        up.close()
+
+    disconnect.add_done_callback(close)
     try:
-        while True:
-            nxt = asyncio.ensure_future(chunks.__anext__())
-            await asyncio.wait((nxt, disconnect), return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
-                nxt.cancel()
-                up.close()
-                if disconnect.cancelled() and ex.stream:  # cut by the worker's shutdown, the client is still there
-                    yield sse_error_event("the server is shutting down and its grace period is over; the answer is "
-                                          "incomplete", "draining")
-                return
-            try:
-                chunk = nxt.result()
-            except StopAsyncIteration:
-                up.release()
-                return
-            except UpstreamError:
-                up.close()
-                metrics.UPSTREAM_ERRORS.labels(ex.model, "mid-stream").inc()
-                if ex.stream:
-                    yield sse_error_event(f"model {ex.model!r} failed mid-stream; the answer is incomplete",
-                                          "upstream_error")
-                    return
-                raise
+        async for chunk in up.chunks():
             if ex.stream:
                 if ex.first_event_s is None:
                     ex.first_event_s = time.perf_counter() - ex.t0
@@ -63,6 +38,20 @@ async def relay(up: UpstreamResponse, disconnect: asyncio.Future[None], ex: Exch
             ex.bytes_out += len(chunk)
             ex.keep(chunk)
             yield chunk
+        up.release()
+    except UpstreamError:
+        if disconnect.done():
+            if disconnect.cancelled() and ex.stream:  # cut by the worker's shutdown, the client is still there
+                yield sse_error_event("the server is shutting down and its grace period is over; the answer is "
+                                      "incomplete", "draining")
+            return
+        up.close()
+        metrics.UPSTREAM_ERRORS.labels(ex.model, "mid-stream").inc()
+        if ex.stream:
+            yield sse_error_event(f"model {ex.model!r} failed mid-stream; the answer is incomplete", "upstream_error")
+            return
+        raise
     finally:
-        disconnect.cancel()
+        disconnect.remove_done_callback(close)
+        up.close()  # a no-op once released; drops the connection of a body left unfinished (the generator closed)
         done()

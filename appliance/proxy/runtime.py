@@ -10,6 +10,7 @@ from pathlib import Path
 from appliance.config import ApplianceConfig, ModelConfig, read_api_keys
 from appliance.events.sink import EventSink
 from appliance.metrics import proxy as metrics
+from appliance.metrics.proxy import child
 from appliance.proxy.hostload import HostLoad, load_dir
 from appliance.proxy.readiness import Readiness
 from appliance.proxy.upstream import Upstream
@@ -44,13 +45,13 @@ class Runtime:
         if not self.load.try_enter(model.name, model.queue_limit):
             return False
         self.in_flight += 1
-        metrics.IN_FLIGHT.labels(model.name).inc()
+        child(metrics.IN_FLIGHT, model.name).inc()
         return True
 
     def leave(self, model: ModelConfig) -> None:
         self.load.leave(model.name)
         self.in_flight -= 1
-        metrics.IN_FLIGHT.labels(model.name).dec()
+        child(metrics.IN_FLIGHT, model.name).dec()
 
     def cut(self) -> None:
         """The drain's grace period is over: end every request still in flight now, each with a proper answer (an
