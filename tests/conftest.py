@@ -19,6 +19,15 @@ def stubs() -> Iterator[tuple[StubLlama, StubLlama]]:
     embed.stop()
 
 
+@pytest.fixture(scope="module")
+def rerank_stub() -> Iterator[StubLlama]:
+    """A third stub, for a rerank model."""
+    stub = StubLlama(free_port())
+    stub.start()
+    yield stub
+    stub.stop()
+
+
 @pytest.fixture()
 def chat_stub(stubs: tuple[StubLlama, StubLlama]) -> StubLlama:
     stubs[0].received.clear()

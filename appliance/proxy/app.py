@@ -16,14 +16,13 @@ import falcon.asgi
 
 from appliance.config import ApplianceConfig, load
 from appliance.proxy.errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
-from appliance.proxy.forward import RECEIVE_KEY, Forward
+from appliance.proxy.forward import RECEIVE_KEY, Forward, Receive
 from appliance.proxy.middleware import Middleware
 from appliance.proxy.resources import Health, Livez, Models, Unexposed
 from appliance.proxy.routes import ROUTES, UNEXPOSED
 from appliance.proxy.runtime import Runtime
 
 Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 CONFIG_ENV = "APPLIANCE_CONFIG"

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import falcon
@@ -18,7 +18,7 @@ from appliance.metrics.proxy import child
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import Exchange, finish
 from appliance.proxy.protocol import GONE_KEY
-from appliance.proxy.relay import Receive, relay
+from appliance.proxy.relay import relay
 from appliance.proxy.routes import Route
 from appliance.proxy.runtime import Runtime
 from appliance.proxy.upstream import UpstreamError, UpstreamResponse
@@ -26,6 +26,7 @@ from appliance.proxy.upstream import UpstreamError, UpstreamResponse
 log = logging.getLogger("appliance.proxy")
 
 RECEIVE_KEY = "appliance.receive"
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 # Request headers that reach llama-server, and only when the client sent them; everything else (the API key first of
 # all) stays here.
 UPSTREAM_HEADERS = ("content-type", "accept")

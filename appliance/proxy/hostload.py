@@ -92,9 +92,6 @@ class HostLoad:
     def leave(self, model: str) -> None:
         self._counts[model][self._slot] -= 1
 
-    def in_flight(self, model: str) -> int:
-        return sum(self._counts[model])
-
 
 def release_dead(directory: Path, pid: int) -> None:
     """Zero the counters of the dead worker ``pid`` (run by the arbiter)."""

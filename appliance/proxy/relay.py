@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import sse_error_event
 from appliance.proxy.exchange import Exchange
 from appliance.proxy.upstream import UpstreamError, UpstreamResponse
-
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 
 async def relay(up: UpstreamResponse, disconnect: asyncio.Future[None], ex: Exchange,

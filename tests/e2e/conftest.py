@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -118,6 +119,20 @@ def start_appliance(tmp: Path, models: list[dict[str, Any]], sections: dict[str,
     return Appliance(config, doc, f"http://127.0.0.1:{doc['server']['port']}", proc, log)
 
 
+@contextlib.contextmanager
+def serving(tmp: Path, models: list[dict[str, Any]], sections: dict[str, dict[str, Any]] | None = None,
+            **supervision: Any) -> Iterator[Appliance]:
+    """``start_appliance``, then until every model serves and supervisord calls every program RUNNING; stopped at the
+    end."""
+    app = start_appliance(tmp, models, sections, **supervision)
+    try:
+        app.wait_health(200)
+        app.wait_running()
+        yield app
+    finally:
+        app.stop()
+
+
 def chat_model(port: int, name: str = "gemma-3-270m") -> dict[str, Any]:
     return {"name": name, "file": MODEL_FILE, "kind": "chat", "port": port, "ctx_size": 2048, "threads": 1,
             "parallel": 2}
@@ -129,10 +144,5 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     models = [chat_model(free_port()),
               {"name": "gemma-3-270m-embed", "file": MODEL_FILE, "kind": "embed", "pooling": "mean",
                "port": free_port(), "ctx_size": 1024, "threads": 1, "parallel": 1}]
-    app = start_appliance(tmp, models)
-    try:
-        app.wait_health(200)
-        app.wait_running()
+    with serving(tmp, models) as app:
         yield app
-    finally:
-        app.stop()

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL_FILE, Appliance, chat_model, start_appliance
+from tests.e2e.conftest import MODEL_FILE, Appliance, chat_model, serving
 from tests.helpers import free_port
 
 KEY = "sk-e2e-api"
@@ -23,12 +23,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     models = [{**chat_model(free_port()), "chat_template": "gemma"},
               {"name": "gemma-3-270m-rerank", "file": MODEL_FILE, "kind": "rerank", "port": free_port(),
                "ctx_size": 1024, "threads": 1, "parallel": 1}]
-    app = start_appliance(tmp, models, {"server": {"api_keys_file": str(tmp / "keys")}})
-    try:
-        app.wait_health(200)
+    with serving(tmp, models, {"server": {"api_keys_file": str(tmp / "keys")}}) as app:
         yield app
-    finally:
-        app.stop()
 
 
 def _headers() -> dict[str, str]:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Appliance, chat_model, start_appliance
+from tests.e2e.conftest import Appliance, chat_model, serving, start_appliance
 from tests.e2e.faults_support import (
     Collector,
     StreamOutcome,
@@ -63,13 +63,8 @@ def app(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Itera
     # collector that hangs show up as drops within seconds rather than after 20 batches.
     events = {"file": str(tmp / "eventlog" / "events.jsonl"), "url": collector.url, "flush_interval_s": 0.2,
               "batch_size": 20, "queue_size": 60}
-    a = start_appliance(tmp, [{**chat_model(free_port(), CHAT), "parallel": 4}], {"events": events})
-    try:
-        a.wait_health(200)
-        a.wait_running()
+    with serving(tmp, [{**chat_model(free_port(), CHAT), "parallel": 4}], {"events": events}) as a:
         yield a
-    finally:
-        a.stop()
 
 
 def wait_ready_again(app: Appliance, timeout: float = 90) -> None:

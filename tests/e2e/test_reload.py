@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL_FILE, Appliance, chat_model, start_appliance
+from tests.e2e.conftest import MODEL_FILE, Appliance, chat_model, serving
 from tests.helpers import free_port, write_config
 
 
@@ -48,13 +48,8 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     tmp = tmp_path_factory.mktemp("reload")
     embed = {"name": "embed", "file": MODEL_FILE, "kind": "embed", "port": free_port(), "ctx_size": 512,
              "threads": 1, "parallel": 1}
-    a = start_appliance(tmp, [chat_model(free_port(), "chat"), embed])
-    try:
-        a.wait_health(200)
-        a.wait_running()
+    with serving(tmp, [chat_model(free_port(), "chat"), embed]) as a:
         yield a
-    finally:
-        a.stop()
 
 
 def test_server_change_replaces_workers_only_and_a_stream_in_flight_completes(app: Appliance) -> None:

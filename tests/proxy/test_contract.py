@@ -22,7 +22,7 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 
 from appliance.proxy.routes import ROUTES, UNEXPOSED
-from tests.helpers import REPO, Proxy, free_port, stub_config, write_config
+from tests.helpers import REPO, Proxy, stub_config, write_config
 from tests.stub_llama import StubLlama
 
 SPEC = REPO / "docs" / "openapi.yaml"
@@ -34,14 +34,6 @@ OWN_ROUTES = {"/v1/models": {"get", "head"}, "/models": {"get", "head"}, "/healt
 # What schemathesis asserts on every response: never a 5xx, and status, content type, body and headers as documented.
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance",
           "response_headers_conformance", "unsupported_method", "ignored_auth")
-
-
-@pytest.fixture(scope="module")
-def rerank_stub() -> Iterator[StubLlama]:
-    stub = StubLlama(free_port())
-    stub.start()
-    yield stub
-    stub.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,11 @@ import pytest
 
 from appliance.proxy.routes import ROUTES, UNEXPOSED
 from tests.events.test_events import wait_events
-from tests.helpers import REPO, Exporter, Proxy, free_port, samples, stub_config, value, write_config
+from tests.helpers import REPO, Exporter, Proxy, samples, stub_config, value, write_config
 from tests.stub_llama import StubLlama
 
 KEY = "sk-alice-1"
 ORIGIN = "https://app.example"
-
-
-@pytest.fixture(scope="module")
-def rerank_stub() -> Iterator[StubLlama]:
-    stub = StubLlama(free_port())
-    stub.start()
-    yield stub
-    stub.stop()
 
 
 @pytest.fixture(scope="module")
