@@ -69,12 +69,22 @@ def _append_whole(path: Path, data: bytes) -> None:
 
 
 class EventSink:
-    """One per process, started inside its event loop."""
+    """One per process, started inside its event loop.
+
+    Events wait in a plain list: ``emit`` runs once per request on the proxy's hot path, where an ``asyncio.Queue``
+    (a wake-up of the writer per event) cost more than everything else the event needs. The writer wakes once per
+    batch: when the first event arrives it waits ``flush_interval_s`` (or until ``batch_size`` events are there), then
+    writes them all in one go, in a thread.
+    """
 
     def __init__(self, cfg: EventsConfig, path: Path) -> None:
         self._cfg = cfg
         self._path = path
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=cfg.queue_size)
+        self._pending: list[Event] = []
+        self._arrived = asyncio.Event()  # set while events are pending
+        self._full = asyncio.Event()  # set while a whole batch is pending
+        self._writing = False
+        self._stopping = False
         self._batches: asyncio.Queue[list[Event]] = asyncio.Queue(maxsize=max(1, cfg.queue_size // cfg.batch_size))
         self._tasks: list[asyncio.Task[None]] = []
         self._token = ""
@@ -82,10 +92,16 @@ class EventSink:
             self._token = Path(cfg.token_file).read_text(encoding="utf-8").strip()
 
     def emit(self, event: Event) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
+        pending = self._pending
+        if len(pending) >= self._cfg.queue_size:
             EVENTS_DROPPED.labels("queue").inc()
+            return
+        pending.append(event)
+        n = len(pending)
+        if n == 1:
+            self._arrived.set()
+        if n == self._cfg.batch_size:
+            self._full.set()
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._write_loop()))
@@ -93,9 +109,13 @@ class EventSink:
             self._tasks.append(asyncio.create_task(self._post_loop()))
 
     async def stop(self) -> None:
-        """Flush what is queued to the file (bounded by a short wait), then stop."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout=2.0)
+        """Write what is pending to the file (bounded by a short wait), then stop."""
+        self._stopping = True
+        self._full.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0
+        while (self._pending or self._writing) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -103,37 +123,36 @@ class EventSink:
                 await t
 
     async def _next_batch(self) -> list[Event]:
-        batch = [await self._queue.get()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._cfg.flush_interval_s
-        while len(batch) < self._cfg.batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-            except asyncio.QueueEmpty:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
+        await self._arrived.wait()
+        size = self._cfg.batch_size
+        if len(self._pending) < size and not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._cfg.flush_interval_s):
+                    await self._full.wait()
+        batch = self._pending[:size]
+        del self._pending[:size]
+        if not self._pending:
+            self._arrived.clear()
+        if len(self._pending) < size and not self._stopping:
+            self._full.clear()
         return batch
 
     async def _write_loop(self) -> None:
         while True:
             batch = await self._next_batch()
+            self._writing = True
             try:
                 await asyncio.to_thread(append_jsonl, self._path, batch, self._cfg.max_bytes, self._cfg.backups)
             except OSError as e:
                 log.warning("cannot write events to %s: %s", self._path, e)
                 EVENTS_DROPPED.labels("file").inc(len(batch))
+            finally:
+                self._writing = False
             if self._cfg.url:
                 try:
                     self._batches.put_nowait(batch)
                 except asyncio.QueueFull:
                     EVENTS_DROPPED.labels("http").inc(len(batch))
-            for _ in batch:
-                self._queue.task_done()
 
     async def _post_loop(self) -> None:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}

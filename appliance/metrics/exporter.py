@@ -23,6 +23,7 @@ from aiohttp import web
 
 from appliance.config import ApplianceConfig, load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir, read_lifecycle_dropped, read_restarts
+from appliance.proxy import hostload
 from appliance.runtime.names import program_name
 from appliance.runtime.supervisor_rpc import all_process_info
 
@@ -98,6 +99,11 @@ class Exporter:
                     target.add_sample(s.name, {**s.labels, "model": m.name}, s.value, s.timestamp, s.exemplar)
         yield up
         yield ready
+        in_flight = GaugeMetricFamily("appliance_in_flight", "Requests being forwarded now, summed over the proxy's "
+                                      "workers.", labels=["model"])
+        for name, n in hostload.in_flight(hostload.load_dir(self.cfg), (m.name for m in self.cfg.models)).items():
+            in_flight.add_metric([name], float(n))
+        yield in_flight
         yield from merged.values()
 
         restarts = read_restarts(self.cfg)

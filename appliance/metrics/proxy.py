@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
-M = TypeVar("M", Counter, Gauge, Histogram)
+M = TypeVar("M", Counter, Histogram)
 _children: dict[tuple[Any, ...], Any] = {}
 
 
@@ -42,8 +42,7 @@ FIRST_TOKEN_SECONDS = Histogram("appliance_time_to_first_token_seconds",
                                 buckets=LATENCY_BUCKETS)
 STREAM_EVENTS = Histogram("appliance_stream_events", "Streams: SSE events passed through per response.", ["model"],
                           buckets=EVENT_COUNT_BUCKETS)
-IN_FLIGHT = Gauge("appliance_in_flight", "Requests being forwarded now, summed over the proxy's workers.", ["model"],
-                  multiprocess_mode="livesum")
+# appliance_in_flight is read by the exporter from the proxy's own counters (appliance.proxy.hostload).
 # Answered below the app (malformed or oversized heads, deadlines, the connection cap): no route, model or event.
 HTTP_REFUSED = Counter("appliance_http_refused", "Requests refused by the HTTP layer before routing.", ["status"])
 QUEUE_FULL = Counter("appliance_queue_full", "Requests refused with 429: parallel + max_queue already in flight.",

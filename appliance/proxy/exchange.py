@@ -17,6 +17,7 @@ USAGE_BODY_LIMIT = 1 << 20
 STREAM_TAIL = 8192
 # OpenAI (chat, completions), Responses and Anthropic name their token counts differently.
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens")
+_DECODER = json.JSONDecoder()
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Exchange:
         if at < 0:
             return None
         try:
-            usage, _ = json.JSONDecoder().raw_decode(self.kept[at + 8:].decode(errors="replace").lstrip())
+            usage, _ = _DECODER.raw_decode(self.kept[at + 8:].decode(errors="replace").lstrip())
         except ValueError:
             return None
         if not isinstance(usage, dict):

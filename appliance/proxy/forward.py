@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -46,10 +45,8 @@ async def read_body(req: falcon.asgi.Request, receive: Receive, limit: int) -> b
     """The whole request body, straight from the ASGI channel rather than Falcon's stream, which takes a client that
     left for the end of the body: a truncated body is never forwarded (llama-server might run it), it ends the request
     as a client abort (499)."""
-    too_large = ApiError(413, f"request body is larger than the limit of {limit} bytes (server.body_limit_bytes)",
-                         "request_too_large", {"Connection": "close"})
     if req.content_length is not None and req.content_length > limit:
-        raise too_large
+        raise _too_large(limit)
     # Falcon has already received the first event (to see whether the client is still there) and keeps it here.
     message: Mapping[str, Any] | None = req._first_event
     if message is None:
@@ -62,12 +59,17 @@ async def read_body(req: falcon.asgi.Request, receive: Receive, limit: int) -> b
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         parts.append(chunk)
         if not message.get("more_body", False):
             break
         message = await receive()
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than the limit of {limit} bytes (server.body_limit_bytes)",
+                    "request_too_large", {"Connection": "close"})
 
 
 def parse_json(body: bytes) -> Any:
@@ -170,24 +172,39 @@ class Forward:
 
     async def _send(self, model: ModelConfig, body: bytes, headers: dict[str, str], disconnect: asyncio.Future[None],
                     request_id: str) -> UpstreamResponse:
+        """Send the request and wait for the response headers, unless the client leaves, the worker's grace period
+        ends (``disconnect`` done either way) or request_timeout_s passes.
+
+        The wait runs in the request's own task: the watch's callback or the deadline sweep cancels it. A second task
+        and an ``asyncio.wait`` race per request would cost more than the rest of the forwarding."""
         timeout = self.rt.cfg.server.request_timeout_s
         url = f"http://127.0.0.1:{model.port}{self.route.path}"
-        sending = asyncio.ensure_future(self.rt.upstream.send("POST", url, body, headers))
-        await asyncio.wait((sending, disconnect), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if not sending.done():
-            sending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, UpstreamError):
-                await sending
+        task = asyncio.current_task()
+        assert task is not None
+        deadlines = self.rt.deadlines
+
+        def interrupt(_: asyncio.Future[None]) -> None:
+            # Scheduled when the watch completes, so it may run after the wait is over: then the task is no longer
+            # in ``deadlines`` and nothing happens.
+            if deadlines.discard(task):
+                task.cancel()
+
+        deadlines.add(task, timeout)
+        disconnect.add_done_callback(interrupt)
+        try:
+            return await self.rt.upstream.send("POST", url, body, headers)
+        except asyncio.CancelledError:
+            if deadlines.discard(task):
+                raise  # cancelled for another reason: the worker is shutting down
+            task.uncancel()
             if disconnect.cancelled():
                 raise ApiError(503, "this server is shutting down and its grace period is over; retry (another host)",
-                               "draining", {"Retry-After": "1"})
+                               "draining", {"Retry-After": "1"}) from None
             if disconnect.done():
-                raise ApiError(499, "client closed the request", "client_closed")
+                raise ApiError(499, "client closed the request", "client_closed") from None
             metrics.UPSTREAM_ERRORS.labels(model.name, "timeout").inc()
             raise ApiError(504, f"model {model.name!r} sent no response headers within {timeout:g} s "
-                           "(server.request_timeout_s)", "upstream_timeout")
-        try:
-            return sending.result()
+                           "(server.request_timeout_s)", "upstream_timeout") from None
         except UpstreamError as e:
             metrics.UPSTREAM_ERRORS.labels(model.name, e.kind).inc()
             if e.kind == "refused":
@@ -195,3 +212,6 @@ class Forward:
             log.warning("request %s: model %s unreachable: %s", request_id, model.name, e)
             raise ApiError(502, f"model {model.name!r} {_FAILURES.get(e.kind, 'failed')}", "upstream_unreachable"
                            ) from None
+        finally:
+            deadlines.discard(task)
+            disconnect.remove_done_callback(interrupt)

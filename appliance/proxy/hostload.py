@@ -93,6 +93,27 @@ class HostLoad:
         self._counts[model][self._slot] -= 1
 
 
+def in_flight(directory: Path, models: Iterable[str]) -> dict[str, int]:
+    """Requests in flight per model on this host, counting live workers only (read by the metrics exporter).
+
+    This is ``appliance_in_flight``: the proxy keeps these counters for the bound anyway, so a request costs no metric
+    write for it."""
+    try:
+        owners = memoryview(_map(directory / "slots", SLOTS * _COUNTER.size)).cast("q")
+    except OSError:
+        return {m: 0 for m in models}
+    live = [slot for slot, pid in enumerate(owners) if pid > 0 and os.path.exists(f"/proc/{pid}")]
+    totals = {}
+    for model in models:
+        path = _model_file(directory, model)
+        try:
+            counts = memoryview(_map(path, SLOTS * _COUNTER.size)).cast("q") if path.exists() else None
+        except OSError:
+            counts = None
+        totals[model] = sum(counts[slot] for slot in live) if counts is not None else 0
+    return totals
+
+
 def release_dead(directory: Path, pid: int) -> None:
     """Zero the counters of the dead worker ``pid`` (run by the arbiter)."""
     try:

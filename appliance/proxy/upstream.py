@@ -72,6 +72,8 @@ class Upstream:
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             auto_decompress=False,  # bytes pass through verbatim
+            # One client serves every user: a cookie set in one answer must never ride along with another's request.
+            cookie_jar=aiohttp.DummyCookieJar(),
             # Forward exactly the headers the client sent: no library defaults (Accept, Content-Type, ...).
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )

@@ -91,8 +91,10 @@ class DrainingServer(Server):
 class ApplianceWorker(UvicornWorker):  # type: ignore[misc]
     # "http" is set in _serve, from the app's config; no WebSocket is served.
     # No "Server: uvicorn" header: it tells a scanner on the LAN what to try.
+    # No X-Forwarded-For handling: nothing here uses the client's address, and uvicorn's middleware for it would be
+    # one more layer on every request.
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "ws": "none", "lifespan": "on",
-                                               "server_header": False}
+                                               "server_header": False, "proxy_headers": False}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
