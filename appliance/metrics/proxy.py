@@ -9,22 +9,86 @@ on CPU).
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import asyncio
+import bisect
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-M = TypeVar("M", Counter, Histogram)
 _children: dict[tuple[Any, ...], Any] = {}
 
 
-def child(metric: M, *labels: str) -> M:
-    """``metric.labels(*labels)``, remembered. labels() validates and locks on every call; the proxy sees few label
-    values (routes, models, statuses, key names), so after the first request each is a dict look-up."""
-    key = (metric, *labels)
-    found: M | None = _children.get(key)
+def _child(key: tuple[Any, ...]) -> Any:
+    """``metric.labels(*labels)`` for ``key`` = (metric, *labels), remembered: labels() validates and locks on every
+    call, and the proxy sees few label values (routes, models, statuses, key names)."""
+    found = _children.get(key)
     if found is None:
-        found = _children[key] = metric.labels(*labels)
+        found = _children[key] = key[0].labels(*key[1:])
     return found
+
+
+class _Pending:
+    """Updates made since the last flush, added up.
+
+    In multiprocess mode every ``inc`` or ``observe`` writes the worker's mmapped file (a histogram twice), which
+    measured about a third of the proxy's own cost per request. The request path only adds up here; ``flush`` runs
+    once per event-loop iteration (scheduled by the first update after the last one), so the files are current
+    before the loop next waits, and one write covers every request that finished in the same iteration."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[Any, ...], float] = {}
+        self.observed: dict[tuple[Any, ...], list[float]] = {}
+        self.scheduled = False
+
+    def schedule(self) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(flush)
+            except RuntimeError:  # no loop (a tool, a test): write now
+                flush()
+
+
+_pending = _Pending()
+
+
+def add(metric: Counter, amount: float, *labels: str) -> None:
+    """``metric.labels(*labels).inc(amount)``, written at the next flush."""
+    key = (metric, *labels)
+    counts = _pending.counts
+    counts[key] = counts.get(key, 0.0) + amount
+    _pending.schedule()
+
+
+def observe(metric: Histogram, value: float, *labels: str) -> None:
+    """``metric.labels(*labels).observe(value)``, written at the next flush."""
+    key = (metric, *labels)
+    values = _pending.observed.get(key)
+    if values is None:
+        _pending.observed[key] = [value]
+    else:
+        values.append(value)
+    _pending.schedule()
+
+
+def flush() -> None:
+    """Write the pending updates (also called when the worker stops)."""
+    counts, observed = _pending.counts, _pending.observed
+    _pending.counts, _pending.observed, _pending.scheduled = {}, {}, False
+    for key, amount in counts.items():
+        _child(key).inc(amount)
+    for key, values in observed.items():
+        # Histogram.observe() per value would write the sum and a bucket each time; prometheus-client has no call for
+        # several values, so its sum and bucket values are added to directly (what observe() does, once per bucket).
+        histogram = _child(key)
+        histogram._sum.inc(sum(values))
+        buckets: dict[int, int] = {}
+        for v in values:
+            i = bisect.bisect_left(histogram._upper_bounds, v)
+            buckets[i] = buckets.get(i, 0) + 1
+        for i, n in buckets.items():
+            histogram._buckets[i].inc(n)
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 EVENT_COUNT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from appliance.events.sink import EventSink
 from appliance.metrics import proxy as metrics
-from appliance.metrics.proxy import child
 
 #: Probes need no key and emit no event (a load balancer polls them several times a second).
 PROBES = frozenset({"/health", "/livez"})
@@ -17,7 +18,8 @@ USAGE_BODY_LIMIT = 1 << 20
 STREAM_TAIL = 8192
 # OpenAI (chat, completions), Responses and Anthropic name their token counts differently.
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens")
-_DECODER = json.JSONDecoder()
+# A usage object holds numbers and objects of numbers ("prompt_tokens_details": {...}): one level of nesting.
+_USAGE = re.compile(rb'"usage":\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 
 
 @dataclass
@@ -37,11 +39,15 @@ class Exchange:
     bytes_out: int = 0
     events: int = 0
     first_event_s: float | None = None
-    kept: bytes = b""  # the JSON body (bounded) or the stream's tail, only to read "usage" at the end
+    #: The JSON body (bounded) or a stream's last STREAM_TAIL bytes or more, only to read "usage" at the end.
+    kept: bytearray = field(default_factory=bytearray)
 
     def keep(self, chunk: bytes) -> None:
         if self.stream:
-            self.kept = (self.kept + chunk)[-STREAM_TAIL:]
+            # Once per SSE event: an append, and a cut only now and then.
+            self.kept += chunk
+            if len(self.kept) > 2 * STREAM_TAIL:
+                del self.kept[:-STREAM_TAIL]
         elif len(self.kept) < USAGE_BODY_LIMIT:
             self.kept += chunk
 
@@ -52,11 +58,12 @@ class Exchange:
         at = self.kept.rfind(b'"usage":')
         if at < 0:
             return None
-        try:
-            usage, _ = _DECODER.raw_decode(self.kept[at + 8:].decode(errors="replace").lstrip())
-        except ValueError:
+        found = _USAGE.match(self.kept, at)
+        if found is None:  # "usage": null, or cut off
             return None
-        if not isinstance(usage, dict):
+        try:
+            usage = orjson.loads(found[1])
+        except orjson.JSONDecodeError:
             return None
         return {k: v for k, v in usage.items() if k in _USAGE_KEYS}
 
@@ -64,12 +71,12 @@ class Exchange:
 def finish(events: EventSink, ex: Exchange) -> None:
     """Record the metrics that need the whole response, and emit the request's event."""
     total = time.perf_counter() - ex.t0
-    child(metrics.DURATION_SECONDS, ex.route, ex.model).observe(total)
-    child(metrics.RESPONSE_BYTES, ex.route, ex.model).inc(ex.bytes_out)
+    metrics.observe(metrics.DURATION_SECONDS, total, ex.route, ex.model)
+    metrics.add(metrics.RESPONSE_BYTES, ex.bytes_out, ex.route, ex.model)
     if ex.stream:
-        child(metrics.STREAM_EVENTS, ex.model).observe(ex.events)
+        metrics.observe(metrics.STREAM_EVENTS, ex.events, ex.model)
         if ex.first_event_s is not None:
-            child(metrics.FIRST_TOKEN_SECONDS, ex.model).observe(ex.first_event_s)
+            metrics.observe(metrics.FIRST_TOKEN_SECONDS, ex.first_event_s, ex.model)
     if ex.route in PROBES:
         return
     event: dict[str, Any] = {

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import falcon
 import falcon.asgi
+import orjson
 
 from appliance.config import ModelConfig
 from appliance.metrics import proxy as metrics
-from appliance.metrics.proxy import child
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import Exchange, finish
 from appliance.proxy.protocol import GONE_KEY
@@ -74,13 +73,13 @@ def _too_large(limit: int) -> ApiError:
 
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except RecursionError:
-        raise ApiError(400, "request body is nested too deeply to be read", "invalid_json") from None
-    except ValueError as e:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
         message = str(e)
-        if "integer string conversion" in message:
-            message = "it holds an integer with more than 4300 digits"
+        if message.startswith("depth limit exceeded"):
+            raise ApiError(400, "request body is nested too deeply to be read", "invalid_json") from None
+        if message.startswith("number is infinity"):
+            message = "it holds a number too large to be read"
         raise ApiError(400, f"request body is not valid JSON: {message}", "invalid_json") from None
 
 
@@ -122,7 +121,7 @@ class Forward:
         ex: Exchange = req.context.exchange
         ex.route = self.route.path
         ex.model = model.name
-        child(metrics.REQUEST_BYTES, ex.route, model.name).inc(len(body))
+        metrics.add(metrics.REQUEST_BYTES, len(body), ex.route, model.name)
         if not rt.readiness.is_ready(model):
             state = rt.readiness.models[model.name].state
             raise ApiError(503, f"model {model.name!r} is not ready ({state}); retry shortly", "model_not_ready",

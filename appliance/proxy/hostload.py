@@ -26,6 +26,9 @@ from appliance.config import ApplianceConfig
 
 SLOTS = 256
 _COUNTER = struct.Struct("q")
+# The slots file: the pid owning each slot, then the number of slots ever claimed (the highest claimed slot + 1), so
+# that a check sums only those rather than all SLOTS.
+_HIGH = SLOTS
 
 
 def load_dir(cfg: ApplianceConfig) -> Path:
@@ -60,12 +63,13 @@ class HostLoad:
         self._slot = -1
         self._slots_fd = -1
         self._counts: dict[str, memoryview] = {}
+        self._owners: memoryview | None = None
 
     def start(self) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
         # Keep this descriptor open for the worker's life: closing any descriptor of the file drops the lock.
         self._slots_fd = os.open(self._directory / "slots", os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(self._slots_fd, SLOTS * _COUNTER.size)
+        os.ftruncate(self._slots_fd, (SLOTS + 1) * _COUNTER.size)
         for slot in range(SLOTS):
             try:
                 fcntl.lockf(self._slots_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
@@ -75,7 +79,12 @@ class HostLoad:
             break
         else:
             raise RuntimeError(f"more than {SLOTS} proxy workers share {self._directory}")
-        os.pwrite(self._slots_fd, _COUNTER.pack(os.getpid()), self._slot * _COUNTER.size)
+        owners = self._owners = memoryview(mmap.mmap(self._slots_fd, (SLOTS + 1) * _COUNTER.size)).cast("q")
+        owners[self._slot] = os.getpid()
+        # Raised under a lock (a byte no slot uses): two workers starting together must not lower it.
+        fcntl.lockf(self._slots_fd, fcntl.LOCK_EX, 1, SLOTS)
+        owners[_HIGH] = max(owners[_HIGH], self._slot + 1)
+        fcntl.lockf(self._slots_fd, fcntl.LOCK_UN, 1, SLOTS)
         for name in self._names:
             view = memoryview(_map(_model_file(self._directory, name), SLOTS * _COUNTER.size)).cast("q")
             view[self._slot] = 0
@@ -84,7 +93,8 @@ class HostLoad:
     def try_enter(self, model: str, limit: int) -> bool:
         """Count one more request for ``model`` unless the host already has ``limit`` in flight."""
         counts = self._counts[model]
-        if sum(counts) >= limit:
+        assert self._owners is not None
+        if sum(counts[:self._owners[_HIGH]]) >= limit:
             return False
         counts[self._slot] += 1
         return True
@@ -99,10 +109,10 @@ def in_flight(directory: Path, models: Iterable[str]) -> dict[str, int]:
     This is ``appliance_in_flight``: the proxy keeps these counters for the bound anyway, so a request costs no metric
     write for it."""
     try:
-        owners = memoryview(_map(directory / "slots", SLOTS * _COUNTER.size)).cast("q")
+        owners = memoryview(_map(directory / "slots", (SLOTS + 1) * _COUNTER.size)).cast("q")
     except OSError:
         return {m: 0 for m in models}
-    live = [slot for slot, pid in enumerate(owners) if pid > 0 and os.path.exists(f"/proc/{pid}")]
+    live = [slot for slot, pid in enumerate(owners[:SLOTS]) if pid > 0 and os.path.exists(f"/proc/{pid}")]
     totals = {}
     for model in models:
         path = _model_file(directory, model)
@@ -117,10 +127,10 @@ def in_flight(directory: Path, models: Iterable[str]) -> dict[str, int]:
 def release_dead(directory: Path, pid: int) -> None:
     """Zero the counters of the dead worker ``pid`` (run by the arbiter)."""
     try:
-        slots = memoryview(_map(directory / "slots", SLOTS * _COUNTER.size)).cast("q")
+        slots = memoryview(_map(directory / "slots", (SLOTS + 1) * _COUNTER.size)).cast("q")
     except OSError:
         return
-    for slot, owner in enumerate(slots):
+    for slot, owner in enumerate(slots[:SLOTS]):
         if owner == pid:
             slots[slot] = 0
             for path in directory.glob("*.count"):

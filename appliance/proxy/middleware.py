@@ -13,7 +13,6 @@ import falcon
 import falcon.asgi
 
 from appliance.metrics import proxy as metrics
-from appliance.metrics.proxy import child
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import PROBES, Exchange, finish
 from appliance.proxy.runtime import Runtime
@@ -39,6 +38,7 @@ class Middleware:
         gc.freeze()
 
     async def process_shutdown(self, scope: MutableMapping[str, Any], event: Any) -> None:
+        metrics.flush()
         await self.rt.deadlines.stop()
         await self.rt.readiness.stop()
         await self.rt.events.stop()
@@ -98,8 +98,8 @@ class Middleware:
             ex.route = req.uri_template
         ex.status = int(resp.status_code)
         ex.headers_s = time.perf_counter() - ex.t0
-        child(metrics.REQUESTS, ex.route, ex.model, str(ex.status), ex.client).inc()
-        child(metrics.HEADERS_SECONDS, ex.route, ex.model).observe(ex.headers_s)
+        metrics.add(metrics.REQUESTS, 1, ex.route, ex.model, str(ex.status), ex.client)
+        metrics.observe(metrics.HEADERS_SECONDS, ex.headers_s, ex.route, ex.model)
         if not ex.relayed:
             ex.bytes_out = len(resp.data or b"")
             finish(self.rt.events, ex)

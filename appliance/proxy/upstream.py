@@ -20,6 +20,10 @@ class UpstreamError(Exception):
         self.kind = kind
 
 
+#: What reading a body raises when the connection to llama-server breaks.
+BROKEN = (aiohttp.ClientError, ConnectionError)
+
+
 class UpstreamResponse:
     """Status, headers and the body as an async iterator of chunks, passed through as they arrive."""
 
@@ -28,18 +32,16 @@ class UpstreamResponse:
         self.status = raw.status
         self.headers: Mapping[str, str] = raw.headers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._raw.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, ConnectionError) as e:
-            raise UpstreamError("reset", f"connection to llama-server broke: {e}") from e
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks as they arrive; a broken connection raises one of ``BROKEN``. The library's own iterator
+        rather than a generator around it that would translate errors: this runs once per SSE event."""
+        return self._raw.content.iter_any()
 
     async def read(self) -> bytes:
         """The whole body (for small bodies whose length is known)."""
         try:
             return await self._raw.read()
-        except (aiohttp.ClientError, ConnectionError) as e:
+        except BROKEN as e:
             raise UpstreamError("reset", f"connection to llama-server broke: {e}") from e
 
     def close(self) -> None:
