@@ -5,14 +5,15 @@ Usage: python -m bench.real_model [--rounds 5] [--streams 1 4] [--max-tokens 64]
 Starts the whole appliance (`python -m appliance up`, supervisord, API keys on) on a temporary config serving the
 installed llama-server and Gemma 3 270M (scripts/setup.sh puts them in .appliance/; $APPLIANCE_LLAMA_SERVER and
 $APPLIANCE_MODELS_DIR override), then streams the same completion (/v1/completions, a fixed prompt, temperature 0,
-ignore_eos so that every run generates exactly --max-tokens tokens) from the same llama-server either directly on its
-port or through the proxy. Runs alternate, direct then proxy, --rounds times, for each number of concurrent streams,
-so that a drift of the machine's speed affects both paths alike. Per stream the client (aiohttp on uvloop) measures:
+ignore_eos so that every run generates exactly --max-tokens tokens) from the same llama-server directly on its port,
+through the bare proxy (bench/bare_proxy.py: what any Python proxy of this stack costs on the machine) and through the
+appliance. Runs alternate, direct, bare then proxy, --rounds times, for each number of concurrent streams, so that a
+drift of the machine's speed affects every path alike. Per stream the client (aiohttp on uvloop) measures:
 
   TTFT      request sent -> first token event received
   tokens/s  (tokens - 1) / (last token event - first token event): the decoding rate the client sees
 
-Reported: the medians over every stream of every round, per path, and the proxy/direct ratios. The goals: at one
+Reported: the medians over every stream of every round, per path, and the ratios to direct. The goals: at one
 stream, tokens/s through the proxy >= 0.99 x direct and TTFT <= 1 ms more. The model's time dwarfs the proxy's, so the
 figures are as noisy as the machine: use more rounds on a busy one. llama-server caches the prompt, so after the
 warm-up runs the TTFT is the evaluation of the sampled first token rather than of the whole prompt, for both paths.
@@ -53,6 +54,7 @@ from bench.common import (
     run_main,
     run_wrk,
     say,
+    start_bare_proxy,
     table,
     temp_dir,
     wait_ok,
@@ -66,6 +68,9 @@ MODEL = "gemma-3-270m"
 EMBED_MODEL = "gemma-3-270m-embed"
 EMBED_REQUEST = json.dumps({"model": EMBED_MODEL, "input": "The quick brown fox jumps over the lazy dog."})
 PROMPT = "The history of the city of Paris began"
+# direct: llama-server's own port; bare: bench/bare_proxy.py in front of it (the floor of a Python proxy on this
+# machine); proxy: the appliance.
+PATHS = ("direct", "bare", "proxy")
 GOAL_TPS_RATIO = 0.99
 GOAL_ADDED_TTFT_MS = 1.0
 
@@ -113,7 +118,7 @@ def report(results: dict[tuple[str, int], list[Stream]], levels: list[int]) -> N
     rows = []
     summary: dict[tuple[str, int], tuple[float, float]] = {}
     for s in levels:
-        for path in ("direct", "proxy"):
+        for path in PATHS:
             streams = results[(path, s)]
             ttft, tps = median(x.ttft_ms for x in streams), median(x.tokens_per_s for x in streams)
             summary[(path, s)] = (ttft, tps)
@@ -123,9 +128,10 @@ def report(results: dict[tuple[str, int], list[Stream]], levels: list[int]) -> N
     print()
     rows = []
     for s in levels:
-        (dt, dtps), (pt, ptps) = summary[("direct", s)], summary[("proxy", s)]
-        rows.append([str(s), fmt(ptps / dtps, ".3f"), fmt(pt - dt, "+.2f")])
-    print(table(["streams", "tokens/s proxy/direct", "TTFT proxy-direct ms"], rows))
+        (dt, dtps), (bt, btps), (pt, ptps) = summary[("direct", s)], summary[("bare", s)], summary[("proxy", s)]
+        rows.append([str(s), fmt(ptps / dtps, ".3f"), fmt(btps / dtps, ".3f"), fmt(pt - dt, "+.2f"),
+                     fmt(bt - dt, "+.2f")])
+    print(table(["streams", "tokens/s proxy/direct", "bare/direct", "TTFT proxy-direct ms", "bare-direct ms"], rows))
     print()
     if 1 in levels:
         (dt, dtps), (pt, ptps) = summary[("direct", 1)], summary[("proxy", 1)]
@@ -167,7 +173,7 @@ def embeddings(kids: Children, tmp: Path, urls: dict[str, str], levels: list[int
 
 def main() -> int:
     parser = base_parser(__doc__)
-    parser.add_argument("--rounds", type=int, default=5, help="direct/proxy pairs per stream count (default 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="direct/bare/proxy runs per stream count (default 5)")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4],
                         help="concurrent streams, one set of rounds each (default 1 4)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per stream (default 64)")
@@ -202,6 +208,7 @@ def main() -> int:
     body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0,
                        "stream": True, "ignore_eos": True}).encode()
     urls = {"direct": f"http://{LOOPBACK}:{model_port}/v1/completions",
+            "bare": "",  # its port is known once it has started
             "proxy": f"http://{LOOPBACK}:{proxy_port}/v1/completions"}
     # The same headers both ways (llama-server ignores the key: it is started without one).
     headers = dict(AUTH_HEADERS)
@@ -212,6 +219,9 @@ def main() -> int:
             kids.start("appliance up", [PYTHON, "-m", "appliance", "up", "--config", str(config)], tmp / "up.log",
                        stop_wait_s=90)
             wait_ok(kids, "appliance", "GET", f"http://{LOOPBACK}:{proxy_port}/health", timeout_s=180)
+            bare_port, _ = start_bare_proxy(kids, tmp, model_port)
+            urls["bare"] = f"http://{LOOPBACK}:{bare_port}/v1/completions"
+            wait_ok(kids, "bare proxy", "GET", f"http://{LOOPBACK}:{bare_port}/health")
             print(machine_summary())
             print(f"prompt {PROMPT!r}, {args.max_tokens} tokens per stream, temperature 0, {args.rounds} rounds, "
                   f"llama-server --threads {args.threads} --parallel {max(args.streams)} "
@@ -221,8 +231,8 @@ def main() -> int:
             for s in args.streams:
                 say(f"{s} stream(s): warm-up (the prompt enters llama-server's cache)")
                 texts = {path: run(url, body, headers, s)[0].text for path, url in urls.items()}
-                if s == 1 and texts["direct"] != texts["proxy"]:
-                    say("WARNING: the proxy's text differs from the direct text at temperature 0")
+                if s == 1 and len(set(texts.values())) > 1:
+                    say("WARNING: the paths' texts differ at temperature 0")
                 for r in range(args.rounds):
                     for path, url in urls.items():
                         got = run(url, body, headers, s)

@@ -32,14 +32,13 @@ class Middleware:
         await self.rt.upstream.start()
         await self.rt.events.start()
         await self.rt.readiness.start()
-        self.rt.deadlines.start()
         # Whatever exists now (modules, config, the app) lives as long as the worker: out of the collector's sight, a
         # collection only walks what requests allocate.
         gc.freeze()
 
     async def process_shutdown(self, scope: MutableMapping[str, Any], event: Any) -> None:
         metrics.flush()
-        await self.rt.deadlines.stop()
+        self.rt.deadlines.stop()
         await self.rt.readiness.stop()
         await self.rt.events.stop()
         await self.rt.upstream.close()
