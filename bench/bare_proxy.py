@@ -1,7 +1,9 @@
 """The floor of this stack: a bare Falcon ASGI reverse proxy with a pooled upstream client, nothing else.
 
 No API keys, metrics, events, readiness, queue bound or disconnect race: what is left is the cost of gunicorn,
-uvicorn (uvloop, httptools), Falcon and the client library. bench/common.py serves it with the appliance's settings:
+uvicorn (uvloop, httptools), Falcon and the client library, with the tuning the appliance uses that is not a feature
+(no X-Forwarded-For layer, no cookie jar, a frozen heap), so that the comparison prices the features alone.
+bench/common.py serves it with the appliance's settings:
 
     BARE_PROXY_UPSTREAM=http://127.0.0.1:PORT python -m gunicorn --workers 2 \\
         --worker-class bench.bare_proxy.BareWorker bench.bare_proxy:app
@@ -12,6 +14,7 @@ Every request goes to the same path on $BARE_PROXY_UPSTREAM. $BARE_PROXY_CLIENT 
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
@@ -31,6 +34,7 @@ class AiohttpForwarder:
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+                                             cookie_jar=aiohttp.DummyCookieJar(),
                                              skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"))
 
     async def close(self) -> None:
@@ -103,6 +107,7 @@ class BareProxy:
 
     async def process_startup(self, scope: Mapping[str, Any], event: Mapping[str, Any]) -> None:
         await self.forwarder.start()  # in the worker's own event loop
+        gc.freeze()  # as the appliance's workers do: tuning that is not a feature belongs to the floor too
 
     async def process_shutdown(self, scope: Mapping[str, Any], event: Mapping[str, Any]) -> None:
         await self.forwarder.close()
@@ -131,6 +136,7 @@ app = make_app()
 
 
 class BareWorker(UvicornWorker):  # type: ignore[misc]
-    """The appliance worker's uvicorn settings (appliance/proxy/worker.py), without its draining."""
+    """The appliance worker's uvicorn settings (appliance/proxy/worker.py), without its draining and HTTP limits."""
 
-    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "http": "httptools", "lifespan": "on"}
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "http": "httptools", "lifespan": "on",
+                                               "proxy_headers": False}
