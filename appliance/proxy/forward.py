@@ -174,7 +174,7 @@ class Forward:
         """Send the request and wait for the response headers, unless the client leaves, the worker's grace period
         ends (``disconnect`` done either way) or request_timeout_s passes.
 
-        The wait runs in the request's own task: the watch's callback or the deadline sweep cancels it. A second task
+        The wait runs in the request's own task: the watch's callback or the deadline timer cancels it. A second task
         and an ``asyncio.wait`` race per request would cost more than the rest of the forwarding."""
         timeout = self.rt.cfg.server.request_timeout_s
         url = f"http://127.0.0.1:{model.port}{self.route.path}"

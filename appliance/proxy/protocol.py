@@ -28,6 +28,9 @@ Cost: a few attribute checks per read and per parser callback, about 2 us per re
 own parsing and dispatch take about 6.5 us; the whole proxy about 1 ms). At most one timer per connection is armed: at
 connect for the first head, then only while a head or a body stays incomplete across reads, so a request that arrives
 in one read arms none.
+
+Responses go out through ``CoalescedTransport``: a complete response's head and body in one write (uvicorn would make
+two), which saves a system call and a TCP segment per request.
 """
 
 from __future__ import annotations
@@ -54,6 +57,52 @@ _VERSIONS = ("1.1", "1.0")
 _VERSION_ERRORS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade"})
 
 
+class CoalescedTransport:
+    """The transport as a response cycle sees it: a response's head is held until its body's first write, so that a
+    complete response leaves in one send() rather than two (uvicorn writes the head on ``http.response.start`` and
+    the body on ``http.response.body``, one system call and one TCP segment each). A head whose body is not written in
+    the same event-loop iteration (a stream waiting for its first event) goes out at the end of that iteration."""
+
+    __slots__ = ("_held", "_loop", "hold_next", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.hold_next = False
+        self._held: bytes | None = None
+        self._loop = loop
+
+    def write(self, data: bytes) -> None:
+        if self.hold_next:
+            self.hold_next = False
+            self.flush()
+            self._held = data
+            self._loop.call_soon(self.flush)
+        elif self._held is not None:
+            held, self._held = self._held, None
+            self.transport.writelines((held, data))
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        """Write what is held; called before anything else writes to the connection or closes it."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self.transport.write(held)
+
+    def drop(self) -> None:
+        self._held = None
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class _Refused(Exception):
     """Raised in a parser callback: the request gets ``status`` and the connection closes."""
 
@@ -68,6 +117,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     """One connection. ``limits`` is bound per worker by :func:`protocol_for`."""
 
     limits: ClassVar[ServerConfig]
+    #: What each request's response cycle writes through (set when the connection is made).
+    _out: CoalescedTransport
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -91,10 +142,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._out = CoalescedTransport(transport, self.loop)
         self._over_cap = len(self.connections) > self.limits.max_connections_per_worker
         self._timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._out.drop()
         self._cancel_timer()
         if self._gone is not None and not self._gone.done():
             self._gone.set_result(None)
@@ -111,6 +164,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        self._out.flush()  # what the parser may write now (an error answer) must come after it
         self._unset_keepalive_if_required()
         view: bytes | memoryview = data
         if self._in_head:
@@ -233,6 +287,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_body = True
         self.scope[GONE_KEY] = self.watch_gone  # type: ignore[literal-required]
         super().on_headers_complete()
+        assert self.cycle is not None
+        self.cycle.transport = self._out  # type: ignore[assignment]
+        self._out.hold_next = True
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -242,6 +299,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._cancel_timer()
         if not self._declined_upgrade:
             super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self._out.flush()
+        super().on_response_complete()
+
+    def shutdown(self) -> None:
+        self._out.flush()
+        super().shutdown()
 
     # Timers and refusals
 
@@ -276,6 +341,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         """Answer ``status`` and close the connection; drop whatever else arrives on it."""
+        self._out.flush()
         self._refused = True
         self._cancel_timer()
         self.logger.info("%s%d %s", self._peer(), status, message)

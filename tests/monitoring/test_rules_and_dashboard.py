@@ -11,7 +11,7 @@ from tests.helpers import REPO
 
 MONITORING = REPO / "monitoring"
 EXPORTER_FAMILIES = {"appliance_model_up", "appliance_model_ready", "appliance_program_up", "appliance_program_state",
-                     "appliance_program_start_time_seconds", "appliance_program_restarts"}
+                     "appliance_program_start_time_seconds", "appliance_program_restarts", "appliance_in_flight"}
 
 
 def exported_names() -> set[str]:
