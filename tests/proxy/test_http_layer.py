@@ -225,6 +225,22 @@ def test_idle_keep_alive_still_closes_after_gunicorns_keepalive(limited: Proxy) 
     assert 3.0 < time.monotonic() - t0 < 12.0  # gunicorn's keepalive is 5 s
 
 
+def test_a_connection_in_use_outlives_the_keepalive_and_closes_once_idle(limited: Proxy) -> None:
+    # One keep-alive timer per connection, which checks the idle time when it fires: a connection used more often than
+    # the timeout, for longer than it, stays open; once idle for the whole timeout it closes.
+    with connect(limited.port) as s:
+        t0 = time.monotonic()
+        for _ in range(16):  # 8 s of requests half a second apart; gunicorn's keepalive is 5 s
+            send(s, request("GET", "/livez"))
+            assert read_response(s).status == 200
+            time.sleep(0.5)
+        assert time.monotonic() - t0 > 7.5
+        t1 = time.monotonic()
+        data, closed = read_until_closed(s, 15)
+    assert closed and data == b""
+    assert 3.0 < time.monotonic() - t1 < 12.0
+
+
 def test_stalled_body_ends_the_request_as_a_client_abort(limited: Proxy, chat_stub: StubLlama) -> None:
     with connect(limited.port) as s:
         send(s, request("POST", "/v1/chat/completions", headers={**AUTH, "X-Request-Id": "stalled-body-1",
