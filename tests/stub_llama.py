@@ -56,6 +56,7 @@ class StubLlama:
     health_status: int = 200
     received: list[Received] = field(default_factory=list)
     doomed: set[object] = field(default_factory=set)
+    dropped: int = 0  # requests dropped unanswered because their connection was doomed
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
 
@@ -107,6 +108,7 @@ class StubLlama:
             if mode == "doom":
                 self.doomed.add(request.transport)
             elif request.transport in self.doomed:
+                self.dropped += 1
                 mode = "reset"
             if mode == "reset":
                 assert request.transport is not None
