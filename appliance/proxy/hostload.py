@@ -51,6 +51,20 @@ def _map(path: Path, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+def _read(path: Path, size: int) -> memoryview | None:
+    """A shared file mapped for reading, or None while no worker has created it: a reader never creates or sizes one."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if os.fstat(fd).st_size < size:
+            return None
+        return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ)).cast("q")
+    finally:
+        os.close(fd)
+
+
 def _model_file(directory: Path, model: str) -> Path:
     # Model names may hold any character; the file name must not.
     return directory / (hashlib.sha256(model.encode()).hexdigest()[:24] + ".count")
@@ -108,20 +122,19 @@ def in_flight(directory: Path, models: Iterable[str]) -> dict[str, int]:
 
     This is ``appliance_in_flight``: the proxy keeps these counters for the bound anyway, so a request costs no metric
     write for it."""
+    models = tuple(models)
     try:
-        owners = memoryview(_map(directory / "slots", (SLOTS + 1) * _COUNTER.size)).cast("q")
+        owners = _read(directory / "slots", (SLOTS + 1) * _COUNTER.size)
+        if owners is None:
+            return {m: 0 for m in models}
+        live = [slot for slot, pid in enumerate(owners[:SLOTS]) if pid > 0 and os.path.exists(f"/proc/{pid}")]
+        totals = {}
+        for model in models:
+            counts = _read(_model_file(directory, model), SLOTS * _COUNTER.size)
+            totals[model] = sum(counts[slot] for slot in live) if counts is not None else 0
+        return totals
     except OSError:
         return {m: 0 for m in models}
-    live = [slot for slot, pid in enumerate(owners[:SLOTS]) if pid > 0 and os.path.exists(f"/proc/{pid}")]
-    totals = {}
-    for model in models:
-        path = _model_file(directory, model)
-        try:
-            counts = memoryview(_map(path, SLOTS * _COUNTER.size)).cast("q") if path.exists() else None
-        except OSError:
-            counts = None
-        totals[model] = sum(counts[slot] for slot in live) if counts is not None else 0
-    return totals
 
 
 def release_dead(directory: Path, pid: int) -> None:

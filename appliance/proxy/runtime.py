@@ -24,12 +24,11 @@ class Deadlines:
     def __init__(self) -> None:
         self._due: dict[asyncio.Task[Any], float] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
 
     def add(self, task: asyncio.Task[Any], after_s: float) -> None:
         loop = asyncio.get_running_loop()
         due = self._due[task] = loop.time() + after_s
-        if self._timer is None or due < self._timer_at:
+        if self._timer is None or due < self._timer.when():
             self._arm(loop, due)
 
     def discard(self, task: asyncio.Task[Any]) -> bool:
@@ -44,7 +43,7 @@ class Deadlines:
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer, self._timer_at = loop.call_at(at, self._expire), at
+        self._timer = loop.call_at(at, self._expire)
 
     def _expire(self) -> None:
         self._timer = None
