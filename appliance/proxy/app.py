@@ -16,7 +16,7 @@ import falcon.asgi
 
 from appliance.config import ApplianceConfig, load
 from appliance.proxy.errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
-from appliance.proxy.forward import RECEIVE_KEY, Forward, Receive
+from appliance.proxy.forward import Forward, Receive
 from appliance.proxy.middleware import Middleware
 from appliance.proxy.resources import Health, Livez, Models, Unexposed
 from appliance.proxy.routes import ROUTES, UNEXPOSED
@@ -29,7 +29,11 @@ CONFIG_ENV = "APPLIANCE_CONFIG"
 
 
 class ProxyApp:
-    """The ASGI callable: Falcon, plus access to ``receive`` for the body and for disconnect detection."""
+    """The Falcon app and the worker's runtime state.
+
+    The worker serves ``self.falcon`` itself, through the appliance's HTTP layer (``protocol``), which puts what the
+    app needs beyond Falcon into the scope (``receive``, the disconnect watch): a wrapper here would be one more
+    coroutine per request. ``__call__`` exists because gunicorn loads only a callable app."""
 
     def __init__(self, cfg: ApplianceConfig) -> None:
         self.runtime = rt = Runtime(cfg)
@@ -50,8 +54,6 @@ class ProxyApp:
         self.falcon = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope[RECEIVE_KEY] = receive
         await self.falcon(scope, receive, send)  # type: ignore[arg-type]
 
 

@@ -15,7 +15,7 @@ from appliance.config import ModelConfig
 from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import Exchange, finish
-from appliance.proxy.protocol import GONE_KEY
+from appliance.proxy.protocol import GONE_KEY, RECEIVE_KEY
 from appliance.proxy.relay import relay
 from appliance.proxy.routes import Route
 from appliance.proxy.runtime import Runtime
@@ -23,7 +23,6 @@ from appliance.proxy.upstream import UpstreamError, UpstreamResponse
 
 log = logging.getLogger("appliance.proxy")
 
-RECEIVE_KEY = "appliance.receive"
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 # Request headers that reach llama-server, and only when the client sent them; everything else (the API key first of
 # all) stays here.
@@ -43,9 +42,7 @@ _FAILURES = {
 async def read_body(req: falcon.asgi.Request, receive: Receive, limit: int) -> bytes:
     """The whole request body, straight from the ASGI channel rather than Falcon's stream, which takes a client that
     left for the end of the body: a truncated body is never forwarded (llama-server might run it), it ends the request
-    as a client abort (499)."""
-    if req.content_length is not None and req.content_length > limit:
-        raise _too_large(limit)
+    as a client abort (499). (A Content-Length over the limit never gets here: the HTTP layer answers it.)"""
     # Falcon has already received the first event (to see whether the client is still there) and keeps it here.
     message: Mapping[str, Any] | None = req._first_event
     if message is None:

@@ -51,6 +51,9 @@ from appliance.proxy.errors import error_body
 
 #: The scope key of :meth:`LimitedHttpProtocol.watch_gone`.
 GONE_KEY = "appliance.watch_gone"
+#: The scope key of the request's ASGI ``receive``: the app reads the body from it directly (see ``forward.read_body``),
+#: and Falcon does not pass it on.
+RECEIVE_KEY = "appliance.receive"
 # How long a refused connection keeps reading (and dropping) what its client still sends after the answer.
 _LINGER_S = 2.0
 _VERSIONS = ("1.1", "1.0")
@@ -291,6 +294,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.scope[GONE_KEY] = self.watch_gone  # type: ignore[literal-required]
         super().on_headers_complete()
         assert self.cycle is not None
+        self.scope[RECEIVE_KEY] = self.cycle.receive  # type: ignore[literal-required]
         self.cycle.transport = self._out  # type: ignore[assignment]
         self._out.hold_next = True
 

@@ -104,7 +104,7 @@ class ApplianceWorker(UvicornWorker):  # type: ignore[misc]
         self.config.timeout_graceful_shutdown = 3
 
     async def _serve(self) -> None:
-        self.config.app = self.wsgi
+        self.config.app = self.wsgi.falcon  # see ProxyApp
         self.config.http = protocol_for(self.wsgi.runtime.cfg.server)
         server = DrainingServer(self.config, self.wsgi, self.grace_s, self.ppid)
         self._install_sigquit_handler()
