@@ -64,7 +64,7 @@ schema = schemathesis.openapi.from_path(SPEC, config=schemathesis.Config.from_di
 
 
 # The HTTP layer's answers to malformed requests, documented for every path in the spec's description rather than
-# per operation (they come before any route is chosen, so they carry no X-Request-Id).
+# per operation: they come before any route is chosen.
 HTTP_LAYER = {400: "bad_request", 414: "uri_too_long", 431: "request_header_fields_too_large",
               505: "http_version_not_supported"}
 
@@ -73,10 +73,11 @@ HTTP_LAYER = {400: "bad_request", 414: "uri_too_long", 431: "request_header_fiel
 def test_every_generated_request_gets_a_documented_answer(case: schemathesis.Case[Any], contract_proxy: Proxy) -> None:
     # The key passed here, not in the config, is what ignored_auth takes for valid and then leaves out or spoils.
     response = case.call(base_url=contract_proxy.url, headers=AUTH)
-    if response.status_code in HTTP_LAYER and "x-request-id" not in response.headers:
+    if response.status_code in HTTP_LAYER and response.content and \
+            response.json()["error"]["code"] == HTTP_LAYER[response.status_code]:
         # Generated headers can be malformed HTTP (a "Transfer-Encoding: ." on a GET, say).
         assert response.json() == {"error": {"message": ANY, "type": "invalid_request_error", "param": None,
-                                             "code": HTTP_LAYER[response.status_code]}}
+                                             "code": ANY}}
         return
     case.validate_response(response, headers=AUTH, transport_kwargs={"base_url": contract_proxy.url, "headers": AUTH})
 
