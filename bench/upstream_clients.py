@@ -1,11 +1,12 @@
-"""Upstream clients: aiohttp vs httpx vs httpx on aiohttp's transport (httpx-aiohttp), CPU per request and req/s.
+"""Upstream clients: the appliance's own vs aiohttp vs httpx vs httpx on aiohttp's transport (httpx-aiohttp).
 
 Usage: python -m bench.upstream_clients [--requests 3000] [--concurrency 1 16] [--rounds 1]
 
-The question behind the appliance's choice of aiohttp (README, "Design notes"): what does one upstream request cost
-the proxy's worker? Here each client library sends --requests POSTs (a small chat completion request, JSON body and
+The question behind the appliance's upstream client (README, "Design notes"): what does one upstream request cost
+the proxy's worker? Here each client sends --requests POSTs (a small chat completion request, JSON body and
 Authorization header) to the nginx stub of bench.proxy_overhead, from this one process on uvloop, with --concurrency
-tasks sharing one pooled client, configured as the appliance configures aiohttp (unbounded pool, no decompression).
+tasks sharing one pooled client: ``appliance.proxy.upstream.Upstream`` as the proxy uses it, and the libraries
+configured alike (unbounded pool, no decompression).
 Measured: requests/s, and CPU microseconds per request of this process (time.process_time: user + system, all
 threads), the cost a proxy worker would pay on top of its own. Clients run one after the other, --rounds times,
 interleaved, each after 200 unmeasured requests; medians are reported, with ratios to aiohttp.
@@ -26,6 +27,7 @@ import httpx
 import uvloop
 from httpx_aiohttp import HttpxAiohttpClient
 
+from appliance.proxy.upstream import Upstream
 from bench.common import (
     AUTH_HEADERS,
     CHAT_PATH,
@@ -44,7 +46,7 @@ from bench.common import (
     temp_dir,
 )
 
-CLIENTS = ("aiohttp", "httpx", "httpx-aiohttp")
+CLIENTS = ("appliance", "aiohttp", "httpx", "httpx-aiohttp")
 WARMUP_REQUESTS = 200
 BODY = CHAT_REQUEST.encode()
 EXPECTED = len(CHAT_RESPONSE.encode())
@@ -73,7 +75,20 @@ async def _drive(send: Send, requests: int, concurrency: int) -> None:
 
 async def _measure(client: str, url: str, requests: int, concurrency: int) -> Point:
     """Set the client up, warm it up, then time ``requests`` requests (the set-up and warm-up are not counted)."""
-    if client == "aiohttp":
+    if client == "appliance":
+        upstream = Upstream()
+        await upstream.start()
+
+        async def send() -> int:
+            r = await upstream.send("POST", url, BODY, AUTH_HEADERS)
+            body = await r.read()
+            r.release()
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}")
+            return len(body)
+
+        close: Callable[[], Awaitable[None]] = upstream.close
+    elif client == "aiohttp":
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
 
         async def send() -> int:
@@ -81,7 +96,7 @@ async def _measure(client: str, url: str, requests: int, concurrency: int) -> Po
                 r.raise_for_status()
                 return len(await r.read())
 
-        close: Callable[[], Awaitable[None]] = session.close
+        close = session.close
     else:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
         cls = HttpxAiohttpClient if client == "httpx-aiohttp" else httpx.AsyncClient

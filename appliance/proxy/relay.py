@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import sse_error_event
 from appliance.proxy.exchange import Exchange
-from appliance.proxy.upstream import BROKEN, UpstreamError, UpstreamResponse
+from appliance.proxy.upstream import Broken, UpstreamError, UpstreamResponse
 
 
 async def relay(up: UpstreamResponse, disconnect: asyncio.Future[None], ex: Exchange,
@@ -36,7 +36,7 @@ async def relay(up: UpstreamResponse, disconnect: asyncio.Future[None], ex: Exch
             ex.keep(chunk)
             yield chunk
         up.release()
-    except BROKEN as e:
+    except Broken as e:
         if disconnect.done():
             if disconnect.cancelled() and ex.stream:  # cut by the worker's shutdown, the client is still there
                 yield sse_error_event("the server is shutting down and its grace period is over; the answer is "
