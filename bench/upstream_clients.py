@@ -82,7 +82,6 @@ async def _measure(client: str, url: str, requests: int, concurrency: int) -> Po
         async def send() -> int:
             r = await upstream.send("POST", url, BODY, AUTH_HEADERS)
             body = await r.read()
-            r.release()
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}")
             return len(body)

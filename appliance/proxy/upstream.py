@@ -201,7 +201,7 @@ class UpstreamResponse:
             await conn.wait()
 
     async def read(self) -> bytes:
-        """The whole body (for bodies whose length is known and bounded)."""
+        """The whole body (for bodies whose length is known and bounded); the connection is then released."""
         conn = self._conn
         conn.limit = 1 << 62  # read whole: no pause
         if conn.paused:
@@ -214,6 +214,7 @@ class UpstreamResponse:
         data = b"".join(conn.chunks)
         conn.chunks.clear()
         conn.buffered = 0
+        self.release()
         return data
 
     def close(self) -> None:
@@ -359,10 +360,8 @@ class Upstream:
                 r = await self.send("GET", base_url + "/health", None, {})
                 try:
                     await r.read()
-                except BaseException:
-                    r.close()
-                    raise
-                r.release()
+                finally:
+                    r.close()  # a no-op once read
                 return r.status
         except (UpstreamError, TimeoutError):
             return None

@@ -19,9 +19,7 @@ T = TypeVar("T")
 
 async def _call(upstream: Upstream, url: str, body: bytes) -> tuple[int, bytes]:
     r = await upstream.send("POST", url, body, {"Content-Type": "application/json"})
-    data = await r.read()
-    r.release()
-    return r.status, data
+    return r.status, await r.read()  # which puts the connection back into the pool
 
 
 def test_a_pooled_connection_the_server_dropped_is_retried_once_on_a_fresh_one(chat_stub: StubLlama) -> None:
@@ -79,7 +77,6 @@ def test_a_stream_arrives_in_order_and_its_connection_is_not_reused(chat_stub: S
         after_stream = _pooled(upstream)
         r = await upstream.send("POST", base + "/v1/completions", b"{}", {})
         await r.read()
-        r.release()
         return body, after_stream, _pooled(upstream)
 
     body, after_stream, after_answer = _run(chat_stub, steps)
@@ -87,7 +84,7 @@ def test_a_stream_arrives_in_order_and_its_connection_is_not_reused(chat_stub: S
     assert [int(e[e.index(b"tok") + 3:e.index(b" ", e.index(b"tok"))]) for e in body.split(b"\n\n")[:20]] == \
         list(range(20))
     assert after_stream == 0  # llama-server would close it: closed here first
-    assert after_answer == 1  # a Content-Length answer leaves its connection pooled
+    assert after_answer == 1  # a Content-Length answer, once read, leaves its connection pooled
 
 
 def test_closing_a_response_ends_a_pending_read_at_once_and_the_server_sees_it(chat_stub: StubLlama) -> None:
