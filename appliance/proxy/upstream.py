@@ -85,6 +85,17 @@ class _Connection(asyncio.Protocol):
         self.waiter = self.loop.create_future()
         await self.waiter
 
+    def take(self) -> bytes:
+        """Everything of the body that has arrived, in one piece; reading resumes if it was paused."""
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
     def finish(self, error: Broken | None) -> None:
         """The exchange is over (body read, or abandoned): keep nothing of it."""
         self.busy = False
@@ -93,6 +104,17 @@ class _Connection(asyncio.Protocol):
         if error is not None and self.error is None and not self.complete:
             self.error = error
         self.wake()
+
+    def drop(self, error: Broken | None = None) -> None:
+        """Abandon the exchange and close the connection (llama-server sees it close)."""
+        self.finish(error)
+        self.transport.close()
+
+    def park(self) -> None:
+        """The exchange ended cleanly and the connection stays open: back into the pool."""
+        self.finish(None)
+        self.idle_since = self.loop.time()
+        self.idle.append(self)
 
     # asyncio callbacks
 
@@ -165,11 +187,10 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """Status, headers (names in lower case) and the body, passed through as it arrives."""
 
-    __slots__ = ("_conn", "_done", "_pool", "headers", "status")
+    __slots__ = ("_conn", "_done", "headers", "status")
 
-    def __init__(self, conn: _Connection, pool: Upstream) -> None:
+    def __init__(self, conn: _Connection) -> None:
         self._conn = conn
-        self._pool = pool
         self._done = False
         self.status = conn.status
         self.headers: Mapping[str, str] = conn.headers
@@ -185,15 +206,8 @@ class UpstreamResponse:
     async def __anext__(self) -> bytes:
         conn = self._conn
         while True:
-            chunks = conn.chunks
-            if chunks:
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                conn.buffered = 0
-                if conn.paused:
-                    conn.paused = False
-                    conn.transport.resume_reading()
-                return data
+            if conn.chunks:
+                return conn.take()
             if conn.error is not None:
                 raise conn.error
             if conn.complete:
@@ -204,25 +218,20 @@ class UpstreamResponse:
         """The whole body (for bodies whose length is known and bounded); the connection is then released."""
         conn = self._conn
         conn.limit = 1 << 62  # read whole: no pause
-        if conn.paused:
-            conn.paused = False
-            conn.transport.resume_reading()
+        parts = [conn.take()]  # (which also resumes reading, were it paused)
         while not conn.complete:
             if conn.error is not None:
                 raise UpstreamError("reset", f"connection to llama-server broke: {conn.error}")
             await conn.wait()
-        data = b"".join(conn.chunks)
-        conn.chunks.clear()
-        conn.buffered = 0
+        parts.append(conn.take())
         self.release()
-        return data
+        return b"".join(parts)
 
     def close(self) -> None:
         """Drop the connection: llama-server sees the socket close and frees the slot. A pending read ends at once."""
         if not self._done:
             self._done = True
-            self._conn.finish(Broken("the response was closed by the proxy"))
-            self._conn.transport.close()
+            self._conn.drop(Broken("the response was closed by the proxy"))
 
     def release(self) -> None:
         """Body fully read: return the connection to the pool, unless it is about to be closed.
@@ -233,12 +242,10 @@ class UpstreamResponse:
             return
         self._done = True
         conn = self._conn
-        reusable = conn.keep_alive and not conn.chunks and not conn.lost and "content-length" in conn.headers
-        conn.finish(None)
-        if reusable:
-            self._pool.put_back(conn)
+        if conn.keep_alive and not conn.chunks and not conn.lost and "content-length" in conn.headers:
+            conn.park()
         else:
-            conn.transport.close()
+            conn.drop()
 
 
 class Upstream:
@@ -263,12 +270,8 @@ class Upstream:
             conn.transport.close()
         self._idle.clear()
 
-    def put_back(self, conn: _Connection) -> None:
-        conn.idle_since = conn.loop.time()
-        conn.idle.append(conn)
-
     async def _sweep(self) -> None:
-        """Close connections idle for KEEPALIVE_S (each holds one of llama-server's HTTP threads)."""
+        """Close connections idle for KEEPALIVE_S, before llama-server's own idle timeout closes them."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
@@ -341,16 +344,14 @@ class Upstream:
             try:
                 await answered
             except Broken as e:
-                conn.finish(None)
-                conn.transport.close()
+                conn.drop()
                 if attempt == 1 and not conn.answered:
                     continue
                 raise UpstreamError("reset", f"{url} closed the connection without answering: {e}") from e
             except BaseException:
-                conn.finish(None)
-                conn.transport.close()
+                conn.drop()
                 raise
-            return UpstreamResponse(conn, self)
+            return UpstreamResponse(conn)
         raise AssertionError("unreachable")
 
     async def health(self, base_url: str, timeout_s: float) -> int | None:
