@@ -32,6 +32,7 @@ def rerank_stub() -> Iterator[StubLlama]:
 def chat_stub(stubs: tuple[StubLlama, StubLlama]) -> StubLlama:
     stubs[0].received.clear()
     stubs[0].dropped = 0
+    stubs[0].health_checks.clear()
     stubs[0].health_status = 200
     return stubs[0]
 

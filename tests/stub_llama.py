@@ -57,6 +57,7 @@ class StubLlama:
     received: list[Received] = field(default_factory=list)
     doomed: set[object] = field(default_factory=set)
     dropped: int = 0  # requests dropped unanswered because their connection was doomed
+    health_checks: list[dict[str, str]] = field(default_factory=list)  # the headers of each GET /health
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
 
@@ -88,6 +89,7 @@ class StubLlama:
             self._loop = None  # stopping twice is a no-op
 
     async def _health(self, request: web.Request) -> web.Response:
+        self.health_checks.append(dict(request.headers))
         if self.health_status == 503:
             return web.json_response({"error": {"code": 503, "message": "Loading model"}}, status=503)
         return web.json_response({"status": "ok"}, status=self.health_status)

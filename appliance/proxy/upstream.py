@@ -316,9 +316,10 @@ class Upstream:
             raise UpstreamError("refused", f"cannot connect to {url}: {e}") from e
         return conn
 
-    async def send(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]) -> UpstreamResponse:
+    async def send(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str], pooled: bool = True
+                   ) -> UpstreamResponse:
         """Send a request; returns once the response headers have arrived. Only the given headers are sent, besides
-        Host and Content-Length.
+        Host and Content-Length. ``pooled=False``: on a connection of its own, whatever the pool holds.
 
         A pooled connection that the server closed while it sat idle fails the next request before any answer. That
         request is sent once more on a fresh connection: llama-server reads a request whole before it acts on it, and
@@ -333,7 +334,7 @@ class Upstream:
         parts.append(b"\r\n")
         head = b"".join(parts)
         for attempt in (1, 2):
-            conn = self._pooled(address) if attempt == 1 else None
+            conn = self._pooled(address) if attempt == 1 and pooled else None
             if conn is None:
                 conn = await self._connect(address, url)
             answered = conn.begin()
@@ -355,10 +356,16 @@ class Upstream:
         raise AssertionError("unreachable")
 
     async def health(self, base_url: str, timeout_s: float) -> int | None:
-        """Status of the child's ``/health``, or None when it cannot be reached."""
+        """Status of the child's ``/health``, or None when it cannot be reached.
+
+        On a connection of its own, closed after the answer. A kept-alive connection is not free for llama-server:
+        its HTTP library wakes the connection's thread every 10 ms to check it, and with a poll every second from
+        every worker there always was one per worker; a stream sent on such a connection (the pool's most recent)
+        found the model's prompt evaluation slower in most rounds of ``bench.real_model`` (38-45 ms instead of
+        31-33 for the same prompt, per llama-server's own timings), which polls that keep no connection ended."""
         try:
             async with asyncio.timeout(timeout_s):
-                r = await self.send("GET", base_url + "/health", None, {})
+                r = await self.send("GET", base_url + "/health", None, {"Connection": "close"}, pooled=False)
                 try:
                     await r.read()
                 finally:

@@ -173,6 +173,19 @@ def test_health_is_none_when_nothing_listens_and_the_status_otherwise(chat_stub:
     assert _run(chat_stub, steps) == (503, None)
 
 
+def test_health_asks_on_a_connection_of_its_own_and_keeps_none(chat_stub: StubLlama) -> None:
+    """llama-server's HTTP library checks each kept-alive connection every 10 ms: the readiness poll keeps none."""
+    async def steps(upstream: Upstream, base: str) -> tuple[int | None, bool, int]:
+        await _call(upstream, base + "/v1/completions", b"{}")  # leaves one pooled connection
+        pooled = list(upstream._idle[("127.0.0.1", chat_stub.port)])
+        status = await upstream.health(base, 2.0)
+        await asyncio.sleep(0.1)  # the health connection's close completes
+        return status, list(upstream._idle[("127.0.0.1", chat_stub.port)]) == pooled, len(upstream._open)
+
+    assert _run(chat_stub, steps) == (200, True, 1)
+    assert chat_stub.health_checks[-1].get("Connection") == "close"
+
+
 def test_a_reader_that_falls_behind_stops_the_reading_and_loses_nothing() -> None:
     pieces = [bytes([i]) * 65536 for i in range(64)]  # 4 MiB, chunked
 
