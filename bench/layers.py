@@ -36,6 +36,7 @@ import httptools
 import uvicorn
 import uvloop
 
+from appliance.proxy.upstream import Upstream
 from bench.common import (
     AUTH_HEADERS,
     CHAT_PATH,
@@ -75,16 +76,14 @@ def _response(body: bytes) -> bytes:
             + b"\r\n\r\n" + body)
 
 
-class _Upstream(asyncio.Protocol):
-    """One kept-alive connection to the stub; requests are pipelined, answers handed out in order."""
+class _Parsed(asyncio.Protocol):
+    """A connection whose bytes go to an httptools parser; the body is collected until the message is complete."""
 
     transport: asyncio.Transport
-    port: int
+    parser: httptools.HttpRequestParser | httptools.HttpResponseParser
 
     def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
         self.body: list[bytes] = []
-        self.waiting: collections.deque[Any] = collections.deque()  # callbacks, or futures (the task layer)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -95,8 +94,21 @@ class _Upstream(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
-    def on_message_complete(self) -> None:
+    def take_body(self) -> bytes:
         body, self.body = b"".join(self.body), []
+        return body
+
+
+class _Upstream(_Parsed):
+    """One kept-alive connection to the stub; requests are pipelined, answers handed out in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiting: collections.deque[Any] = collections.deque()  # callbacks, or futures (the task layer)
+
+    def on_message_complete(self) -> None:
+        body = self.take_body()
         waiter = self.waiting.popleft()
         if isinstance(waiter, asyncio.Future):
             waiter.set_result(body)
@@ -104,29 +116,18 @@ class _Upstream(asyncio.Protocol):
             waiter(body)
 
 
-class _Front(asyncio.Protocol):
-    """The client side of the protocol and task layers."""
+class _Front(_Parsed):
+    """The client side of the protocol, task and client layers."""
 
-    transport: asyncio.Transport
-
-    def __init__(self, upstream: _Upstream, layer: str, client: Any) -> None:
-        self.upstream = upstream
-        self.layer = layer
-        self.client = client
+    def __init__(self, upstream: _Upstream, upstream_url: str, layer: str) -> None:
+        super().__init__()
         self.parser = httptools.HttpRequestParser(self)
-        self.body: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        self.upstream = upstream
+        self.upstream_url = upstream_url
+        self.layer = layer
 
     def on_message_complete(self) -> None:
-        body, self.body = b"".join(self.body), []
+        body = self.take_body()
         if self.layer == "task":
             asyncio.get_running_loop().create_task(self.handle(body))
         elif self.layer == "client":
@@ -146,39 +147,35 @@ class _Front(asyncio.Protocol):
         self.answer(await answer)
 
     async def handle_with_client(self, body: bytes) -> None:
-        url = f"http://{LOOPBACK}:{self.upstream.port}{CHAT_PATH}"
-        answer = await self.client.send("POST", url, body, {"content-type": "application/json"})
-        self.answer(await answer.read())
+        self.answer(await _forward(self.upstream_url, body))
+
+
+_client: Upstream | None = None
+
+
+async def _forward(url: str, body: bytes) -> bytes:
+    """POST ``body`` through the appliance's upstream client: one per layer's process, started on first use."""
+    global _client
+    if _client is None:
+        _client = Upstream()
+        await _client.start()
+    answer = await _client.send("POST", url, body, {"content-type": "application/json"})
+    return await answer.read()
 
 
 async def _serve_protocols(port: int, upstream_port: int, layer: str) -> None:
-    from appliance.proxy.upstream import Upstream
-
     loop = asyncio.get_running_loop()
     _, upstream = await loop.create_connection(_Upstream, LOOPBACK, upstream_port)
-    upstream.port = upstream_port
-    client = Upstream()
-    await client.start()
-    server = await loop.create_server(lambda: _Front(upstream, layer, client), LOOPBACK, port)
+    url = f"http://{LOOPBACK}:{upstream_port}{CHAT_PATH}"
+    server = await loop.create_server(lambda: _Front(upstream, url, layer), LOOPBACK, port)
     await server.serve_forever()
 
 
 def _asgi_app(upstream_url: str) -> Any:
-    from appliance.proxy.upstream import Upstream
-
-    client = Upstream()
-    started = False
-
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        nonlocal started
         if scope["type"] != "http":
             return
-        if not started:
-            await client.start()
-            started = True
-        message = await receive()
-        answer = await client.send("POST", upstream_url, message["body"], {"content-type": "application/json"})
-        body = await answer.read()
+        body = await _forward(upstream_url, (await receive())["body"])
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -187,19 +184,9 @@ def _asgi_app(upstream_url: str) -> Any:
 
 
 def _falcon_app(upstream_url: str) -> Any:
-    from appliance.proxy.upstream import Upstream
-
     class Forward:
-        def __init__(self) -> None:
-            self.client: Upstream | None = None
-
         async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-            if self.client is None:
-                self.client = Upstream()
-                await self.client.start()
-            answer = await self.client.send("POST", upstream_url, await req.stream.read(),
-                                            {"content-type": "application/json"})
-            resp.data = await answer.read()
+            resp.data = await _forward(upstream_url, await req.stream.read())
             resp.content_type = "application/json"
 
     app = falcon.asgi.App()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import operator
 import os
 import shutil
 import time
@@ -154,21 +155,15 @@ def report(results: dict[tuple[str, int], list[list[Stream]]], levels: list[int]
                  "tokens/s per stream p50"], rows))
     print()
 
-    def ratio(a: float, b: float) -> float:
-        return a / b
-
-    def diff(a: float, b: float) -> float:
-        return a - b
-
     rows = []
     # Per stream count: (tokens/s ratio, added TTFT outside the model, added TTFT) of bare and proxy, paired by round.
     paired: dict[tuple[str, int], tuple[float, float, float]] = {}
     for s in levels:
         rounds = {path: results[(path, s)] for path in PATHS}
         for path in ("proxy", "bare"):
-            paired[(path, s)] = (_paired(rounds, path, lambda x: x.tokens_per_s, ratio),
-                                 _paired(rounds, path, lambda x: x.outside_ms, diff),
-                                 _paired(rounds, path, lambda x: x.ttft_ms, diff))
+            paired[(path, s)] = (_paired(rounds, path, lambda x: x.tokens_per_s, operator.truediv),
+                                 _paired(rounds, path, lambda x: x.outside_ms, operator.sub),
+                                 _paired(rounds, path, lambda x: x.ttft_ms, operator.sub))
         (ptps, pout, pttft), (btps, bout, bttft) = paired[("proxy", s)], paired[("bare", s)]
         rows.append([str(s), fmt(ptps, ".3f"), fmt(btps, ".3f"), fmt(pout, "+.2f"), fmt(bout, "+.2f"),
                      fmt(pttft, "+.2f"), fmt(bttft, "+.2f")])
