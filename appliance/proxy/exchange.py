@@ -33,6 +33,8 @@ class Exchange:
     #: The API key's name ("anonymous" without keys, "unauthenticated" when the key was refused).
     client: str = "anonymous"
     status: int = 0
+    #: The body forwarded to the model (None: none was, the request ended before a model was chosen).
+    request_bytes: int | None = None
     headers_s: float = 0.0
     stream: bool = False
     relayed: bool = False

@@ -118,7 +118,7 @@ class Forward:
         ex: Exchange = req.context.exchange
         ex.route = self.route.path
         ex.model = model.name
-        metrics.add(metrics.REQUEST_BYTES, len(body), ex.route, model.name)
+        ex.request_bytes = len(body)
         if not rt.readiness.is_ready(model):
             state = rt.readiness.models[model.name].state
             raise ApiError(503, f"model {model.name!r} is not ready ({state}); retry shortly", "model_not_ready",

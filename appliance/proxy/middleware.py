@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import re
@@ -97,8 +98,16 @@ class Middleware:
             ex.route = req.uri_template
         ex.status = int(resp.status_code)
         ex.headers_s = time.perf_counter() - ex.t0
-        metrics.add(metrics.REQUESTS, 1, ex.route, ex.model, str(ex.status), ex.client)
-        metrics.observe(metrics.HEADERS_SECONDS, ex.headers_s, ex.route, ex.model)
         if not ex.relayed:
             ex.bytes_out = len(resp.data or b"")
+        # Falcon writes the response after this hook, in the same step of the request's task; the metrics and the
+        # event wait until it has: at one connection they were a tenth of the time the proxy added to a request.
+        asyncio.get_running_loop().call_soon(self._account, ex)
+
+    def _account(self, ex: Exchange) -> None:
+        metrics.add(metrics.REQUESTS, 1, ex.route, ex.model, str(ex.status), ex.client)
+        metrics.observe(metrics.HEADERS_SECONDS, ex.headers_s, ex.route, ex.model)
+        if ex.request_bytes is not None:
+            metrics.add(metrics.REQUEST_BYTES, ex.request_bytes, ex.route, ex.model)
+        if not ex.relayed:
             finish(self.rt.events, ex)
