@@ -99,10 +99,10 @@ class Children:
             signal.signal(signal.SIGINT, previous)
 
     def start(self, name: str, argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None,
-              stop_wait_s: float = 30) -> subprocess.Popen[bytes]:
+              stop_wait_s: float = 30, cwd: Path = REPO) -> subprocess.Popen[bytes]:
         """Start ``argv`` in its own process group; on exit it gets SIGTERM, then SIGKILL after ``stop_wait_s``."""
         with log.open("wb") as out:
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
                                     env={**os.environ, **(env or {})})
         self.procs.append((name, proc, log, stop_wait_s))
         return proc
@@ -288,11 +288,18 @@ def stub_model(port: int) -> dict[str, Any]:
     return {"name": "bench", "file": "bench.gguf", "kind": "chat", "port": port, "parallel": 1, "max_queue": 100_000}
 
 
-def start_appliance_proxy(kids: Children, tmp: Path, config: Path, port: int) -> subprocess.Popen[bytes]:
-    """The proxy exactly as supervisord runs it: ``python -m gunicorn -c GUNICORN_CONF`` with $APPLIANCE_CONFIG."""
-    proc = kids.start("appliance proxy", [PYTHON, "-m", "gunicorn", "-c", GUNICORN_CONF], tmp / "proxy.log",
-                      {"APPLIANCE_CONFIG": str(config)})
-    wait_ok(kids, "appliance proxy", "GET", f"http://{LOOPBACK}:{port}/health")
+def start_appliance_proxy(kids: Children, tmp: Path, config: Path, port: int, tree: Path | None = None
+                          ) -> subprocess.Popen[bytes]:
+    """The proxy exactly as supervisord runs it: ``python -m gunicorn -c GUNICORN_CONF`` with $APPLIANCE_CONFIG.
+
+    ``tree``: a directory holding another version of the ``appliance`` package (bench.commits), run instead of this
+    checkout's: it comes first on the workers' import path."""
+    name, conf, env, cwd = "appliance proxy", GUNICORN_CONF, {"APPLIANCE_CONFIG": str(config)}, REPO
+    if tree is not None:
+        name, conf, cwd = f"appliance proxy ({tree})", str(tree / "appliance" / "gunicorn_conf.py"), tree
+        env["PYTHONPATH"] = str(tree)
+    proc = kids.start(name, [PYTHON, "-m", "gunicorn", "-c", conf], tmp / "proxy.log", env, cwd=cwd)
+    wait_ok(kids, name, "GET", f"http://{LOOPBACK}:{port}/health")
     return proc
 
 
