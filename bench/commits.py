@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import subprocess
 import tarfile
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -29,21 +28,19 @@ from bench.common import (
     Children,
     appliance_config,
     base_parser,
-    cpu_seconds,
+    check_same_answer,
     fmt,
-    http,
     idle_cpu_per_s,
     machine_summary,
+    measured_wrk,
     median,
     run_main,
-    run_wrk,
     say,
     start_appliance_proxy,
     start_stub_nginx,
     stub_model,
     table,
     temp_dir,
-    wait_ok,
     wrk_script,
 )
 
@@ -85,11 +82,8 @@ def main() -> int:
             tree = base_tree if key == "base" else None
             roots[key] = start_appliance_proxy(kids, tmp / key / "run", config, port, tree).pid
             urls[key] = f"http://{LOOPBACK}:{port}{CHAT_PATH}"
-        expected = http("POST", f"http://{LOOPBACK}:{stub_port}{CHAT_PATH}", CHAT_REQUEST.encode(), AUTH_HEADERS)[1]
-        for key, url in urls.items():
-            body = wait_ok(kids, names[key], "POST", url, CHAT_REQUEST.encode(), AUTH_HEADERS)
-            if body != expected:
-                raise RuntimeError(f"{names[key]} answered {body[:200]!r}, not the stub's {expected[:200]!r}")
+        check_same_answer(kids, {names[key]: url for key, url in urls.items()},
+                          f"http://{LOOPBACK}:{stub_port}{CHAT_PATH}")
         script = wrk_script(tmp, CHAT_REQUEST, AUTH_HEADERS)
         say("measuring the proxies' CPU time at rest")
         idle = {key: idle_cpu_per_s(root) for key, root in roots.items()}
@@ -100,13 +94,10 @@ def main() -> int:
         runs: dict[str, list[tuple[float, float, float]]] = {key: [] for key in names}
         for r in range(args.rounds):
             for key in (("base", "work") if r % 2 == 0 else ("work", "base")):
-                run_wrk(urls[key], script, args.concurrency, 1)
-                cpu0, t0 = cpu_seconds(roots[key]), time.monotonic()
-                w = run_wrk(urls[key], script, args.concurrency, args.seconds)
-                cpu = cpu_seconds(roots[key]) - cpu0 - idle[key] * (time.monotonic() - t0)
-                if w.errors or not w.requests:
+                w, per_1k = measured_wrk(urls[key], script, args.concurrency, args.seconds, 1, roots[key], idle[key])
+                if w.errors or per_1k is None:
                     raise RuntimeError(f"{names[key]}: {w.errors} of {w.requests} requests failed")
-                runs[key].append((w.p50_ms, w.rps, cpu / w.requests * 1000))
+                runs[key].append((w.p50_ms, w.rps, per_1k))
                 say(f"round {r + 1}/{args.rounds} {names[key]}: p50 {w.p50_ms:.3f} ms, {w.rps:,.0f} req/s")
                 kids.check_alive()
         print(table(["proxy", "p50 ms", "req/s", "CPU s/1k req"],

@@ -413,6 +413,29 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> WrkResult
     return parse_wrk(done.stdout)
 
 
+def measured_wrk(url: str, script: Path, connections: int, seconds: int, warmup_s: int = 1, root: int | None = None,
+                 idle_per_s: float = 0.0) -> tuple[WrkResult, float | None]:
+    """A wrk run after ``warmup_s`` of unmeasured load, and the CPU seconds per 1,000 requests of the process tree
+    ``root`` over the run, less its rate at rest (``idle_per_s``); None without a root."""
+    if warmup_s > 0:
+        run_wrk(url, script, connections, warmup_s)
+    cpu0, t0 = cpu_seconds(root) if root is not None else 0.0, time.monotonic()
+    w = run_wrk(url, script, connections, seconds)
+    if root is None or not w.requests:
+        return w, None
+    return w, (cpu_seconds(root) - cpu0 - idle_per_s * (time.monotonic() - t0)) / w.requests * 1000
+
+
+def check_same_answer(kids: Children, urls: Mapping[str, str], stub_url: str) -> None:
+    """Every path must hand back the stub's exact bytes for the small chat request, or the comparison is not of like
+    with like."""
+    expected = wait_ok(kids, "the stub", "POST", stub_url, CHAT_REQUEST.encode(), AUTH_HEADERS)
+    for name, url in urls.items():
+        body = wait_ok(kids, name, "POST", url, CHAT_REQUEST.encode(), AUTH_HEADERS)
+        if body != expected:
+            raise RuntimeError(f"{name} answered {body[:200]!r}, not the stub's {expected[:200]!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------- output
 
 

@@ -46,19 +46,19 @@ from bench.common import (
     Children,
     appliance_config,
     base_parser,
+    check_same_answer,
     fmt,
     free_port,
     machine_summary,
+    measured_wrk,
     median,
     run_main,
-    run_wrk,
     say,
     start_appliance_proxy,
     start_stub_nginx,
     stub_model,
     table,
     temp_dir,
-    wait_ok,
     wrk_script,
 )
 
@@ -224,11 +224,7 @@ def main() -> int:
         config, ports["appliance"] = appliance_config(tmp, [stub_model(stub_port)])
         start_appliance_proxy(kids, tmp, config, ports["appliance"])
         urls = {path: f"http://{LOOPBACK}:{port}{CHAT_PATH}" for path, port in ports.items()}
-        expected = wait_ok(kids, "direct", "POST", urls["direct"], CHAT_REQUEST.encode(), AUTH_HEADERS)
-        for path, url in urls.items():
-            body = wait_ok(kids, path, "POST", url, CHAT_REQUEST.encode(), AUTH_HEADERS)
-            if body != expected:
-                raise RuntimeError(f"{path} answered {body[:200]!r}, not the stub's {expected[:200]!r}")
+        check_same_answer(kids, urls, urls["direct"])
         script = wrk_script(tmp, CHAT_REQUEST, AUTH_HEADERS)
         print(machine_summary())
         print(f"wrk -t1 -c1, {args.seconds} s per run after 1 s of warm-up, {args.rounds} round(s)")
@@ -236,8 +232,7 @@ def main() -> int:
         runs: dict[str, list[tuple[float, float]]] = {path: [] for path in urls}
         for r in range(args.rounds):
             for path, url in urls.items():
-                run_wrk(url, script, 1, 1)
-                w = run_wrk(url, script, 1, args.seconds)
+                w, _ = measured_wrk(url, script, 1, args.seconds)
                 if w.errors:
                     raise RuntimeError(f"{path}: {w.errors} requests failed")
                 runs[path].append((w.rps, w.p50_ms))

@@ -24,7 +24,6 @@ the load generator, the stub and the proxy share the cores.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from bench.bare_proxy import CLIENTS
@@ -36,14 +35,13 @@ from bench.common import (
     Children,
     appliance_config,
     base_parser,
-    cpu_seconds,
+    check_same_answer,
     fmt,
-    http,
     idle_cpu_per_s,
     machine_summary,
+    measured_wrk,
     median,
     run_main,
-    run_wrk,
     say,
     start_appliance_proxy,
     start_bare_proxy,
@@ -52,7 +50,6 @@ from bench.common import (
     stub_model,
     table,
     temp_dir,
-    wait_ok,
     wrk_script,
 )
 
@@ -143,12 +140,7 @@ def main() -> int:
         ports = {"direct": stub_port, "nginx": nginx_port, "bare": bare_port, "appliance": app_port}
         roots = {"direct": None, "nginx": nginx.pid, "bare": bare.pid, "appliance": appliance.pid}
         urls = {t: f"http://{LOOPBACK}:{port}{CHAT_PATH}" for t, port in ports.items()}
-        # Every path must hand back the stub's bytes, or the comparison is not of like with like.
-        expected = http("POST", urls["direct"], CHAT_REQUEST.encode(), AUTH_HEADERS)[1]
-        for target, url in urls.items():
-            body = wait_ok(kids, target, "POST", url, CHAT_REQUEST.encode(), AUTH_HEADERS)
-            if body != expected:
-                raise RuntimeError(f"{target} answered {body[:200]!r}, not the stub's {expected[:200]!r}")
+        check_same_answer(kids, urls, urls["direct"])
         script = wrk_script(tmp, CHAT_REQUEST, AUTH_HEADERS)
         say("measuring the proxies' CPU time at rest")
         idle = {t: idle_cpu_per_s(root) for t, root in roots.items() if root is not None}
@@ -162,14 +154,8 @@ def main() -> int:
         for c in args.concurrency:
             for r in range(args.rounds):
                 for target in TARGETS:
-                    if args.warmup > 0:
-                        run_wrk(urls[target], script, c, args.warmup)
-                    root = roots[target]
-                    cpu0, t0 = cpu_seconds(root) if root is not None else 0.0, time.monotonic()
-                    w = run_wrk(urls[target], script, c, args.seconds)
-                    cpu = (cpu_seconds(root) - cpu0 - idle[target] * (time.monotonic() - t0)
-                           if root is not None else None)
-                    per_1k = cpu / w.requests * 1000 if cpu is not None and w.requests else None
+                    w, per_1k = measured_wrk(urls[target], script, c, args.seconds, args.warmup, roots[target],
+                                             idle.get(target, 0.0))
                     points.setdefault((target, c), []).append(Point(w.rps, w.p50_ms, w.p99_ms, per_1k, w.errors))
                     say(f"c={c} round {r + 1}/{args.rounds} {target}: {w.rps:,.0f} req/s, p50 {w.p50_ms:.3f} ms, "
                         f"p99 {w.p99_ms:.3f} ms" + (f", {per_1k:.3f} CPU s/1k req" if per_1k is not None else "")
