@@ -102,6 +102,9 @@ def _reload(args: argparse.Namespace) -> int:
         return 1
     for line in report.lines():
         print(f"reload: {line}")
+    if report.failure:
+        print(f"reload: {report.failure}", file=sys.stderr)
+        return 1
     return 0
 
 

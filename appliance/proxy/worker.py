@@ -19,9 +19,11 @@ and a connection cap), configured from the app's config.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 from types import FrameType
 from typing import Any, ClassVar
@@ -46,6 +48,11 @@ class DrainingServer(Server):
         self._drain_started: float | None = None
         self._retiring = False
         self._cut_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def _stop(self, retiring: bool) -> None:
         self._drain_started = time.monotonic()
@@ -54,6 +61,10 @@ class DrainingServer(Server):
         if not retiring:
             self._app.runtime.draining = True
 
+    def _close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()  # idempotent
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM:
             # supervisord stops the proxy as a process group, so a worker gets SIGTERM twice (from supervisord and
@@ -61,6 +72,11 @@ class DrainingServer(Server):
             # graceful_timeout bounds a drain that never ends.
             if self._drain_started is None:
                 self._stop(retiring=retire.is_marked(retire.retiring_file(self._app.runtime.cfg), os.getpid()))
+                if self._retiring and self._loop is not None:
+                    # Stop accepting now rather than at the next tick (up to 0.1 s): the new workers already accept,
+                    # and until this closes, a new connection may still get this worker's old settings. This runs
+                    # in a signal handler, where the loop may be mid-step: the close is scheduled on it.
+                    self._loop.call_soon_threadsafe(self._close_listeners)
             return
         super().handle_exit(sig, frame)
 
@@ -72,8 +88,7 @@ class DrainingServer(Server):
             self._stop(retiring=True)
         if self._drain_started is not None:
             if self._retiring:
-                for server in self.servers:
-                    server.close()  # idempotent
+                self._close_listeners()
                 done = not self.server_state.connections
             else:
                 done = self._app.runtime.in_flight <= 0

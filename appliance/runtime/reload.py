@@ -5,18 +5,20 @@ supervisord config is regenerated and supervisord is asked which program section
 model's section carries a fingerprint of its settings and files, so an unchanged model keeps its process while a
 changed one restarts. Removed programs stop before added ones start, so that their ports are free. The proxy is never
 stopped for a settings change: gunicorn re-reads its config on SIGHUP, starts new workers on the same socket and retires
-the old ones after their in-flight requests (see ``appliance/proxy/retire.py``).
+the old ones after their in-flight requests (see ``appliance/proxy/retire.py``). The reload waits until the old workers
+have stopped accepting connections, so that once it returns every new connection gets the new settings.
 """
 
 from __future__ import annotations
 
+import time
 import xmlrpc.client
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from appliance.config import ApplianceConfig
-from appliance.runtime import supervisor_rpc
+from appliance.runtime import listeners, supervisor_rpc
 from appliance.runtime.names import PROXY_PROGRAM
 from appliance.runtime.supervisor_conf import proxy_fingerprint, runtime_paths, write_supervisor_conf
 
@@ -32,13 +34,20 @@ class ReloadReport:
     restarted: list[str] = field(default_factory=list)
     #: True when the proxy got SIGHUP (new workers with the new settings, old ones retire).
     proxy_workers_replaced: bool = False
+    #: After the SIGHUP: whether the old workers were seen to stop accepting (None: /proc did not show the proxy's
+    #: listening socket, so nothing could be checked).
+    proxy_switch_seen: bool | None = None
+    #: What went wrong, when the reload could not be completed (the CLI then exits 1).
+    failure: str | None = None
 
     def lines(self) -> list[str]:
         out = [f"{verb} {', '.join(names)}" for verb, names in
                (("started", self.added), ("stopped", self.removed), ("restarted", self.restarted)) if names]
-        if self.proxy_workers_replaced:
-            out.append(f"replaced the {PROXY_PROGRAM} workers (in-flight requests finish on the old ones)")
-        return out or ["nothing changed"]
+        if self.proxy_workers_replaced and self.proxy_switch_seen is not False:
+            out.append(f"replaced the {PROXY_PROGRAM} workers (in-flight requests finish on the old ones)"
+                       + ("" if self.proxy_switch_seen else "; could not see its listening socket in /proc to "
+                          "confirm that the old ones stopped accepting"))
+        return out or ([] if self.failure else ["nothing changed"])
 
 
 def _running_runtime_dir(conf: Path) -> str | None:
@@ -75,8 +84,7 @@ def reload(cfg: ApplianceConfig) -> ReloadReport:
         added, changed, removed = rpc.supervisor.reloadConfig()[0]
         # New proxy workers first: from then on a removed model is unknown (404) rather than unreachable (502).
         if PROXY_PROGRAM not in changed and old_proxy != proxy_fingerprint(cfg):
-            rpc.supervisor.signalProcess(PROXY_PROGRAM, "HUP")
-            report.proxy_workers_replaced = True
+            _replace_proxy_workers(rpc, cfg, report)
         for name in sorted(removed):
             _stop(rpc, name)
             rpc.supervisor.removeProcessGroup(name)
@@ -92,6 +100,32 @@ def reload(cfg: ApplianceConfig) -> ReloadReport:
     except xmlrpc.client.Fault as e:
         raise ReloadError(f"supervisord refused: {e.faultString}") from e
     return report
+
+
+#: How long the old proxy workers get to stop accepting after the SIGHUP. gunicorn starts the new ones and sends the old
+#: ones SIGTERM at once, and a retiring worker closes its listening socket as soon as it gets it (typically < 0.1 s).
+SWITCH_TIMEOUT_S = 20.0
+
+
+def _replace_proxy_workers(rpc: Any, cfg: ApplianceConfig, report: ReloadReport) -> None:
+    """SIGHUP to the proxy's arbiter, then wait until the workers it replaces no longer accept connections."""
+    arbiter = int(rpc.supervisor.getProcessInfo(PROXY_PROGRAM)["pid"])
+    old = listeners.accepting_children(arbiter, cfg.server.port) if arbiter else None
+    rpc.supervisor.signalProcess(PROXY_PROGRAM, "HUP")
+    report.proxy_workers_replaced = True
+    if old is None:
+        return
+    deadline = time.monotonic() + SWITCH_TIMEOUT_S
+    while (still := listeners.accepting_children(arbiter, cfg.server.port)) is not None and still & old:
+        if time.monotonic() >= deadline:
+            report.proxy_switch_seen = False
+            report.failure = (f"the {PROXY_PROGRAM} workers {', '.join(map(str, sorted(still & old)))} still accept "
+                              f"connections {SWITCH_TIMEOUT_S:g} s after SIGHUP, so new connections may get the old "
+                              f"settings; see {cfg.log_dir}/{PROXY_PROGRAM}.log (a restart of the appliance applies "
+                              "them for sure)")
+            return
+        time.sleep(0.02)
+    report.proxy_switch_seen = still is not None
 
 
 def _stop(rpc: Any, group: str) -> None:

@@ -77,6 +77,8 @@ def _reload(cfg: ApplianceConfig) -> None:
         return
     for line in report.lines():
         _say(f"reload: {line}")
+    if report.failure:
+        _say(f"reload failed: {report.failure}")
 
 
 def run_up(cfg: ApplianceConfig) -> int:
