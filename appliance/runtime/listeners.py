@@ -1,9 +1,10 @@
-"""Which of a process's children still accept connections on a TCP port, read from /proc (Linux).
+"""Which of a process's children still accept connections on its listening sockets, read from /proc (Linux).
 
 ``appliance reload`` uses it to return only once the proxy workers it replaced have closed their copy of the listening
 socket: before that, a new connection may still land on an old worker and get the old settings (a rotated certificate,
-a revoked API key). A socket is shared by every process holding a descriptor to it, so "holds a descriptor to a
-listening socket on the port" is exactly "may still accept there".
+a revoked API key). A socket is shared by every process holding a descriptor to it, so "holds a descriptor to one of
+the arbiter's listening sockets" is exactly "may still accept there". The sockets are taken from the arbiter rather
+than from the configured port, which the reload may be changing.
 
 Only per-process paths are read (``/proc/<pid>/net``, not ``/proc/net``): the systemd unit's ``ProcSubset=pid`` hides
 the rest.
@@ -17,8 +18,8 @@ from pathlib import Path
 _LISTEN = "0A"  # TCP_LISTEN in /proc/<pid>/net/tcp's "st" column
 
 
-def listening_inodes(pid: int, port: int) -> set[int]:
-    """Inodes of the listening TCP sockets on ``port`` (any address) in ``pid``'s network namespace."""
+def _listening_inodes(pid: int) -> set[int]:
+    """Inodes of every listening TCP socket in ``pid``'s network namespace."""
     inodes: set[int] = set()
     for table in ("tcp", "tcp6"):
         try:
@@ -28,25 +29,36 @@ def listening_inodes(pid: int, port: int) -> set[int]:
         for row in rows:
             # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
             fields = row.split()
-            if fields[3] == _LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if fields[3] == _LISTEN:
                 inodes.add(int(fields[9]))
     return inodes
 
 
-def holds_any(pid: int, inodes: set[int]) -> bool:
-    """Whether ``pid`` has a descriptor to one of the sockets ``inodes`` (False once it has exited)."""
+def _socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets ``pid`` has descriptors to (none once it has exited)."""
+    inodes: set[int] = set()
     try:
         fds = list(os.scandir(f"/proc/{pid}/fd"))
     except OSError:
-        return False
+        return inodes
     for fd in fds:
         try:
             target = os.readlink(fd.path)
         except OSError:
             continue  # closed meanwhile
-        if target.startswith("socket:[") and int(target[8:-1]) in inodes:
-            return True
-    return False
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def listening_sockets(pid: int) -> set[int]:
+    """Inodes of the listening TCP sockets ``pid`` holds (empty when /proc does not show them)."""
+    return _socket_inodes(pid) & _listening_inodes(pid)
+
+
+def holders(pids: set[int], inodes: set[int]) -> set[int]:
+    """Those of ``pids`` that still hold one of the sockets ``inodes``."""
+    return {pid for pid in pids if _socket_inodes(pid) & inodes}
 
 
 def children(pid: int) -> set[int]:
@@ -63,12 +75,3 @@ def children(pid: int) -> set[int]:
         if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
             found.add(int(entry.name))
     return found
-
-
-def accepting_children(pid: int, port: int) -> set[int] | None:
-    """``pid``'s children that hold its listening socket on ``port``; None when ``pid`` itself holds none there (not
-    listening, or /proc does not show it), since then nothing can be said about its children."""
-    inodes = listening_inodes(pid, port)
-    if not holds_any(pid, inodes):
-        return None
-    return {child for child in children(pid) if holds_any(child, inodes)}

@@ -110,22 +110,23 @@ SWITCH_TIMEOUT_S = 20.0
 def _replace_proxy_workers(rpc: Any, cfg: ApplianceConfig, report: ReloadReport) -> None:
     """SIGHUP to the proxy's arbiter, then wait until the workers it replaces no longer accept connections."""
     arbiter = int(rpc.supervisor.getProcessInfo(PROXY_PROGRAM)["pid"])
-    old = listeners.accepting_children(arbiter, cfg.server.port) if arbiter else None
+    sockets = listeners.listening_sockets(arbiter) if arbiter else set()
+    old = listeners.holders(listeners.children(arbiter), sockets)
     rpc.supervisor.signalProcess(PROXY_PROGRAM, "HUP")
     report.proxy_workers_replaced = True
-    if old is None:
-        return
+    if not sockets:
+        return  # /proc does not show them: proxy_switch_seen stays None
     deadline = time.monotonic() + SWITCH_TIMEOUT_S
-    while (still := listeners.accepting_children(arbiter, cfg.server.port)) is not None and still & old:
+    while still := listeners.holders(old, sockets):
         if time.monotonic() >= deadline:
             report.proxy_switch_seen = False
-            report.failure = (f"the {PROXY_PROGRAM} workers {', '.join(map(str, sorted(still & old)))} still accept "
+            report.failure = (f"the {PROXY_PROGRAM} workers {', '.join(map(str, sorted(still)))} still accept "
                               f"connections {SWITCH_TIMEOUT_S:g} s after SIGHUP, so new connections may get the old "
                               f"settings; see {cfg.log_dir}/{PROXY_PROGRAM}.log (a restart of the appliance applies "
                               "them for sure)")
             return
         time.sleep(0.02)
-    report.proxy_switch_seen = still is not None
+    report.proxy_switch_seen = True
 
 
 def _stop(rpc: Any, group: str) -> None:

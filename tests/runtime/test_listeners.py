@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ for _ in range(120):
 @dataclass
 class Arbiter:
     pid: int
-    port: int
+    port: int  # where it listens (0: nowhere)
 
 
 def start_arbiter(on_hup: str) -> Iterator[Arbiter]:
@@ -89,21 +90,29 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def accepting(arbiter: Arbiter) -> set[int]:
+    return listeners.holders(listeners.children(arbiter.pid), listeners.listening_sockets(arbiter.pid))
+
+
+def test_listening_sockets_are_those_the_process_listens_on() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+        found = listeners.listening_sockets(os.getpid())
+        inode = os.fstat(server.fileno()).st_ino
+        assert inode in found
+        assert os.fstat(client.fileno()).st_ino not in found  # connected, not listening
+    assert inode not in listeners.listening_sockets(os.getpid())  # closed
+
+
 def test_workers_count_as_accepting_until_they_close_the_socket(arbiter: Arbiter) -> None:
-    workers = listeners.accepting_children(arbiter.pid, arbiter.port)
-    assert workers is not None and len(workers) == 2 and workers == listeners.children(arbiter.pid)
+    workers = accepting(arbiter)
+    assert len(workers) == 2 and workers == listeners.children(arbiter.pid)
     first = min(workers)
     os.kill(first, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while first in (listeners.accepting_children(arbiter.pid, arbiter.port) or set()) and time.monotonic() < deadline:
+    while first in accepting(arbiter) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert listeners.accepting_children(arbiter.pid, arbiter.port) == workers - {first}
+    assert accepting(arbiter) == workers - {first}
     assert alive(first)  # it still runs: only its socket is gone
-
-
-def test_nothing_can_be_said_about_a_process_that_does_not_listen_there(arbiter: Arbiter) -> None:
-    assert listeners.accepting_children(arbiter.pid, free_port()) is None
-    assert listeners.accepting_children(os.getpid(), arbiter.port) is None
 
 
 class FakeSupervisor:
@@ -128,32 +137,42 @@ class FakeRpc:
 
 
 def switch(arbiter: Arbiter, tree: Path) -> reload.ReloadReport:  # noqa: F811
-    doc = base_doc(tree)
-    doc["server"]["port"] = arbiter.port
     report = reload.ReloadReport()
-    reload._replace_proxy_workers(FakeRpc(arbiter), parse(doc, tree), report)
+    reload._replace_proxy_workers(FakeRpc(arbiter), parse(base_doc(tree), tree), report)
     return report
 
 
 def test_reload_returns_once_the_old_workers_stopped_accepting(arbiter: Arbiter, tree: Path) -> None:  # noqa: F811
-    old = listeners.accepting_children(arbiter.pid, arbiter.port)
-    assert old is not None and len(old) == 2
+    old = accepting(arbiter)
+    assert len(old) == 2
     report = switch(arbiter, tree)
     assert report.failure is None and report.proxy_switch_seen is True
     assert report.lines() == ["replaced the proxy workers (in-flight requests finish on the old ones)"]
-    now = listeners.accepting_children(arbiter.pid, arbiter.port)
-    assert now is not None and len(now) == 2 and not now & old
+    now = accepting(arbiter)
+    assert len(now) == 2 and not now & old
     assert all(alive(pid) for pid in old)
 
 
 def test_reload_fails_when_the_old_workers_keep_accepting(stuck_arbiter: Arbiter, tree: Path,  # noqa: F811
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reload, "SWITCH_TIMEOUT_S", 0.5)
-    old = listeners.accepting_children(stuck_arbiter.pid, stuck_arbiter.port)
-    assert old is not None
+    old = accepting(stuck_arbiter)
+    assert len(old) == 2
     report = switch(stuck_arbiter, tree)
     assert report.proxy_switch_seen is False and report.failure is not None
     assert f"the proxy workers {', '.join(map(str, sorted(old)))} still accept connections 0.5 s after SIGHUP" \
         in report.failure
     assert "proxy.log" in report.failure
     assert report.lines() == []  # not "nothing changed": the SIGHUP was sent
+
+
+def test_reload_says_when_it_could_not_check_the_switch(tree: Path) -> None:  # noqa: F811
+    # A proxy whose listening socket /proc does not show (here: a process that listens on nothing).
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as proc:
+        try:
+            report = switch(Arbiter(proc.pid, 0), tree)
+        finally:
+            proc.kill()
+    assert report.failure is None and report.proxy_switch_seen is None
+    assert report.lines() == ["replaced the proxy workers (in-flight requests finish on the old ones); could not see "
+                              "its listening socket in /proc to confirm that the old ones stopped accepting"]
