@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from appliance.runtime.supervisor_conf import GUNICORN_CONF
+from tests.stub_llama import StubLlama
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,3 +153,21 @@ def value(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str
     """Sum of the samples named ``name`` whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, ls), v in parsed.items() if n == name and want <= ls)
+
+
+@contextlib.contextmanager
+def proxy_over_stubs(tmp: Path, **server: Any) -> Iterator[tuple[Proxy, dict[str, Any], Path]]:
+    """A proxy (``server`` settings over stub_config's) in front of a chat and an embeddings stub; yields it, its
+    config document and the config's path."""
+    chat, embed = StubLlama(free_port()), StubLlama(free_port())
+    chat.start()
+    embed.start()
+    doc = stub_config(tmp, chat.port, embed.port, **server)
+    config = write_config(tmp / "appliance.toml", doc)
+    p = Proxy(config, doc["server"]["port"]).start()
+    try:
+        yield p, doc, config
+    finally:
+        p.stop()
+        chat.stop()
+        embed.stop()

@@ -5,10 +5,11 @@ refused connection instead of "draining". Here the first SIGTERM only flips the 
 new work) and the worker exits once in-flight requests and streams have finished, or when the grace period ends.
 
 A worker that gunicorn replaces on SIGHUP (``appliance reload``) retires instead: new workers already serve on the same
-socket, so it closes its own copy of it, still serves what arrives on its open connections but closes each one after
-its response, and exits when its last connection is gone (see ``retire.py``). Closing idle connections itself would
-reset those accepted an instant before the socket closed, whose request is still on its way. Either way the main loop
-keeps ticking, so the arbiter keeps hearing from the worker and does not kill it for silence while a stream finishes.
+socket, so it closes its own copy of it at once (and says so, for ``appliance reload``), still serves what arrives on
+its open connections but closes each one after its response, and exits when its last connection is gone (see
+``retire.py``). Closing idle connections itself would reset those accepted an instant before the socket closed, whose
+request is still on its way. Either way the main loop keeps ticking, so the arbiter keeps hearing from the worker and
+does not kill it for silence while a stream finishes.
 
 A worker whose arbiter died (SIGKILL, the OOM killer) retires the same way, on its own: nobody would ever stop it, and
 while it listens a restarted proxy cannot bind the port.
@@ -49,6 +50,7 @@ class DrainingServer(Server):
         self._retiring = False
         self._cut_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._acknowledged = False  # that this retiring worker has closed its listening socket (see retire.py)
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -64,6 +66,9 @@ class DrainingServer(Server):
     def _close_listeners(self) -> None:
         for server in self.servers:
             server.close()  # idempotent
+        if not self._acknowledged:
+            retire.acknowledge(retire.retired_file(self._app.runtime.cfg), os.getpid())
+            self._acknowledged = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM:

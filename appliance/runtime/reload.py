@@ -11,6 +11,7 @@ have stopped accepting connections, so that once it returns every new connection
 
 from __future__ import annotations
 
+import os
 import time
 import xmlrpc.client
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import ApplianceConfig
-from appliance.runtime import listeners, supervisor_rpc
+from appliance.proxy import retire
+from appliance.runtime import supervisor_rpc
 from appliance.runtime.names import PROXY_PROGRAM
 from appliance.runtime.supervisor_conf import proxy_fingerprint, runtime_paths, write_supervisor_conf
 
@@ -32,21 +34,16 @@ class ReloadReport:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
-    #: True when the proxy got SIGHUP (new workers with the new settings, old ones retire).
+    #: True when the proxy replaced its workers: the old ones no longer accept connections.
     proxy_workers_replaced: bool = False
-    #: After the SIGHUP: whether the old workers were seen to stop accepting (None: /proc did not show the proxy's
-    #: listening socket, so nothing could be checked).
-    proxy_switch_seen: bool | None = None
     #: What went wrong, when the reload could not be completed (the CLI then exits 1).
     failure: str | None = None
 
     def lines(self) -> list[str]:
         out = [f"{verb} {', '.join(names)}" for verb, names in
                (("started", self.added), ("stopped", self.removed), ("restarted", self.restarted)) if names]
-        if self.proxy_workers_replaced and self.proxy_switch_seen is not False:
-            out.append(f"replaced the {PROXY_PROGRAM} workers (in-flight requests finish on the old ones)"
-                       + ("" if self.proxy_switch_seen else "; could not see its listening socket in /proc to "
-                          "confirm that the old ones stopped accepting"))
+        if self.proxy_workers_replaced:
+            out.append(f"replaced the {PROXY_PROGRAM} workers (in-flight requests finish on the old ones)")
         return out or ([] if self.failure else ["nothing changed"])
 
 
@@ -109,24 +106,32 @@ SWITCH_TIMEOUT_S = 20.0
 
 def _replace_proxy_workers(rpc: Any, cfg: ApplianceConfig, report: ReloadReport) -> None:
     """SIGHUP to the proxy's arbiter, then wait until the workers it replaces no longer accept connections."""
-    arbiter = int(rpc.supervisor.getProcessInfo(PROXY_PROGRAM)["pid"])
-    sockets = listeners.listening_sockets(arbiter) if arbiter else set()
-    old = listeners.holders(listeners.children(arbiter), sockets)
+    marked, retired = retire.retiring_file(cfg), retire.retired_file(cfg)
+    marked.unlink(missing_ok=True)  # the arbiter writes it anew on SIGHUP, listing the workers it replaces
+    # Workers that have exited are forgotten: their numbers may be reused by new ones.
+    retire.forget_acknowledged(retired, _alive)
     rpc.supervisor.signalProcess(PROXY_PROGRAM, "HUP")
-    report.proxy_workers_replaced = True
-    if not sockets:
-        return  # /proc does not show them: proxy_switch_seen stays None
     deadline = time.monotonic() + SWITCH_TIMEOUT_S
-    while still := listeners.holders(old, sockets):
+    log = f"{cfg.log_dir}/{PROXY_PROGRAM}.log"
+    while (old := retire.marked(marked)) is None or (waiting := {
+            pid for pid in old - retire.acknowledged(retired) if _alive(pid)}):
         if time.monotonic() >= deadline:
-            report.proxy_switch_seen = False
-            report.failure = (f"the {PROXY_PROGRAM} workers {', '.join(map(str, sorted(still)))} still accept "
-                              f"connections {SWITCH_TIMEOUT_S:g} s after SIGHUP, so new connections may get the old "
-                              f"settings; see {cfg.log_dir}/{PROXY_PROGRAM}.log (a restart of the appliance applies "
-                              "them for sure)")
+            report.failure = (
+                f"the {PROXY_PROGRAM} did not start replacing its workers {SWITCH_TIMEOUT_S:g} s after SIGHUP: it "
+                f"still serves the old settings; see {log}" if old is None else
+                f"the {PROXY_PROGRAM} workers {', '.join(map(str, sorted(waiting)))} still accept connections "
+                f"{SWITCH_TIMEOUT_S:g} s after SIGHUP, so new connections may get the old settings; see {log}")
             return
         time.sleep(0.02)
-    report.proxy_switch_seen = True
+    report.proxy_workers_replaced = True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or its number taken by another user's process
+        return False
+    return True
 
 
 def _stop(rpc: Any, group: str) -> None:

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import Proxy, free_port, stub_config, write_config
+from tests.helpers import Proxy, free_port, proxy_over_stubs, stub_config, write_config
 from tests.stub_llama import StubLlama
 
 
@@ -116,20 +116,8 @@ def test_dead_child_gives_502_then_503_and_other_model_still_serves(tmp_path: Pa
         embed.stop()
 
 
-@contextlib.contextmanager
-def one_worker_proxy(tmp_path: Path) -> Iterator[tuple[Proxy, dict[str, Any], Path]]:
-    chat, embed = StubLlama(free_port()), StubLlama(free_port())
-    chat.start()
-    embed.start()
-    doc = stub_config(tmp_path, chat.port, embed.port, workers=1, graceful_timeout_s=20)
-    config = write_config(tmp_path / "appliance.toml", doc)
-    p = Proxy(config, doc["server"]["port"]).start()
-    try:
-        yield p, doc, config
-    finally:
-        p.stop()
-        chat.stop()
-        embed.stop()
+def one_worker_proxy(tmp_path: Path) -> contextlib.AbstractContextManager[tuple[Proxy, dict[str, Any], Path]]:
+    return proxy_over_stubs(tmp_path, workers=1, graceful_timeout_s=20)
 
 
 def stream_under_way(p: Proxy, events: int) -> tuple[threading.Thread, list[bytes]]:
