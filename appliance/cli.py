@@ -96,7 +96,7 @@ def _reload(args: argparse.Namespace) -> int:
         return 1
     print_warnings(cfg, "reload: ")
     try:
-        report = reload(cfg)
+        report = reload(cfg, lambda line: print(f"reload: {line}", flush=True))
     except ReloadError as e:
         print(f"reload: {e}", file=sys.stderr)
         return 1

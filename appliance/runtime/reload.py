@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,9 @@ def _running_runtime_dir(conf: Path) -> str | None:
     return None
 
 
-def reload(cfg: ApplianceConfig) -> ReloadReport:
-    """Apply ``cfg`` (already validated) to the supervisord that runs from its runtime_dir."""
+def reload(cfg: ApplianceConfig, say: Callable[[str], None] = print) -> ReloadReport:
+    """Apply ``cfg`` (already validated) to the supervisord that runs from its runtime_dir; ``say`` gets progress
+    messages on long waits."""
     paths = runtime_paths(cfg)
     rpc = supervisor_rpc.server(paths["socket"])
     try:
@@ -81,7 +83,7 @@ def reload(cfg: ApplianceConfig) -> ReloadReport:
         added, changed, removed = rpc.supervisor.reloadConfig()[0]
         # New proxy workers first: from then on a removed model is unknown (404) rather than unreachable (502).
         if PROXY_PROGRAM not in changed and old_proxy != proxy_fingerprint(cfg):
-            _replace_proxy_workers(rpc, cfg, report)
+            _replace_proxy_workers(rpc, cfg, report, say)
         for name in sorted(removed):
             _stop(rpc, name)
             rpc.supervisor.removeProcessGroup(name)
@@ -99,29 +101,42 @@ def reload(cfg: ApplianceConfig) -> ReloadReport:
     return report
 
 
-#: How long the old proxy workers get to stop accepting after the SIGHUP. gunicorn starts the new ones and sends the old
-#: ones SIGTERM at once, and a retiring worker closes its listening socket as soon as it gets it (typically < 0.1 s).
-SWITCH_TIMEOUT_S = 20.0
+#: How long the old proxy workers get to stop accepting after the SIGHUP, beyond server.graceful_timeout_s. gunicorn
+#: starts the new ones and sends the old ones SIGTERM at once, and a retiring worker closes its listening socket as soon
+#: as it gets it (typically < 0.1 s). But after a reload the arbiter waits for the old workers to exit, up to
+#: graceful_timeout, before it handles the next signal: a reload right after another, with streams under way, waits
+#: that long.
+SWITCH_MARGIN_S = 20.0
+#: When to say why the reload is still waiting.
+SWITCH_SAY_AFTER_S = 2.0
 
 
-def _replace_proxy_workers(rpc: Any, cfg: ApplianceConfig, report: ReloadReport) -> None:
+def _replace_proxy_workers(rpc: Any, cfg: ApplianceConfig, report: ReloadReport, say: Callable[[str], None]) -> None:
     """SIGHUP to the proxy's arbiter, then wait until the workers it replaces no longer accept connections."""
     marked, retired = retire.retiring_file(cfg), retire.retired_file(cfg)
     marked.unlink(missing_ok=True)  # the arbiter writes it anew on SIGHUP, listing the workers it replaces
     # Workers that have exited are forgotten: their numbers may be reused by new ones.
     retire.forget_acknowledged(retired, _alive)
     rpc.supervisor.signalProcess(PROXY_PROGRAM, "HUP")
-    deadline = time.monotonic() + SWITCH_TIMEOUT_S
+    started = time.monotonic()
+    timeout = cfg.server.graceful_timeout_s + SWITCH_MARGIN_S
     log = f"{cfg.log_dir}/{PROXY_PROGRAM}.log"
+    said = False
     while (old := retire.marked(marked)) is None or (waiting := {
             pid for pid in old - retire.acknowledged(retired) if _alive(pid)}):
-        if time.monotonic() >= deadline:
+        waited = time.monotonic() - started
+        if waited >= timeout:
             report.failure = (
-                f"the {PROXY_PROGRAM} did not start replacing its workers {SWITCH_TIMEOUT_S:g} s after SIGHUP: it "
-                f"still serves the old settings; see {log}" if old is None else
+                f"the {PROXY_PROGRAM} did not start replacing its workers {timeout:g} s after SIGHUP: it still "
+                f"serves the old settings; see {log}" if old is None else
                 f"the {PROXY_PROGRAM} workers {', '.join(map(str, sorted(waiting)))} still accept connections "
-                f"{SWITCH_TIMEOUT_S:g} s after SIGHUP, so new connections may get the old settings; see {log}")
+                f"{timeout:g} s after SIGHUP, so new connections may get the old settings; see {log}")
             return
+        if old is None and waited >= SWITCH_SAY_AFTER_S and not said:
+            say(f"waiting for the {PROXY_PROGRAM} to replace its workers: after a reload it lets the old workers "
+                f"finish their streams before it takes the next one (server.graceful_timeout_s, "
+                f"{cfg.server.graceful_timeout_s:g} s at most)")
+            said = True
         time.sleep(0.02)
     report.proxy_workers_replaced = True
 

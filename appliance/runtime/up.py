@@ -66,7 +66,7 @@ def _reload(cfg: ApplianceConfig) -> None:
     assert cfg.source is not None
     _say(f"SIGHUP: reloading {cfg.source}")
     try:
-        report = reload(load(cfg.source))
+        report = reload(load(cfg.source), lambda line: _say(f"reload: {line}"))
     except ConfigError as e:
         for problem in e.problems:
             _say(f"  {problem}")

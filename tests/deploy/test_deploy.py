@@ -90,6 +90,9 @@ def test_service_and_every_program_running(deployment: Deployment) -> None:
     users = {ln.split()[0] for ln in h.run("ps -eo user:20,comm --no-headers").stdout.splitlines()
              if ln.split()[1] in ("llama-server", "supervisord", "gunicorn", "python")}
     assert users == {"appliance"}, users
+    # The drop-in's bounds on a stop and on a reload: graceful_timeout_s (30) + 90 s.
+    assert sorted(deployment.sh("systemctl show -p TimeoutStopUSec -p TimeoutStartUSec appliance").split()) == \
+        ["TimeoutStartUSec=2min", "TimeoutStopUSec=2min"]
 
 
 def test_listening_sockets_public_port_on_lan_address_only(deployment: Deployment) -> None:

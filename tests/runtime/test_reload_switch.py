@@ -54,28 +54,39 @@ def status(url: str, key: str) -> int:
         return fresh.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
 
 
-def test_every_connection_after_the_reload_gets_the_new_settings(keyed: tuple[Proxy, Path, Path]) -> None:
-    p, config, keys = keyed
-    assert p.proc is not None and status(p.url, "sk-old") == 200
-    # A stream under way keeps one old worker alive (retiring) well after the switch.
+def switch(pid: int, cfg: ApplianceConfig, said: list[str] | None = None) -> reload.ReloadReport:
+    report = reload.ReloadReport()
+    reload._replace_proxy_workers(FakeRpc(pid), cfg, report, (said if said is not None else []).append)
+    return report
+
+
+def stream_under_way(p: Proxy, seconds: float) -> tuple[threading.Thread, list[bytes]]:
+    """A stub stream of ``seconds`` (events 0.25 s apart) with key sk-old; returns once its first bytes arrived."""
     received: list[bytes] = []
 
     def consume() -> None:
-        body = json.dumps({"stub": "stream", "n": 12, "delay": 0.25}).encode()
-        with httpx.stream("POST", p.url + "/v1/chat/completions", content=body, timeout=30,
+        body = json.dumps({"stub": "stream", "n": int(seconds / 0.25), "delay": 0.25}).encode()
+        with httpx.stream("POST", p.url + "/v1/chat/completions", content=body, timeout=60,
                           headers={"Authorization": "Bearer sk-old"}) as r:
             received.extend(r.iter_raw())
 
     t = threading.Thread(target=consume)
     t.start()
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert received, "the stream never started"
+    return t, received
+
+
+def test_every_connection_after_the_reload_gets_the_new_settings(keyed: tuple[Proxy, Path, Path]) -> None:
+    p, config, keys = keyed
+    assert p.proc is not None and status(p.url, "sk-old") == 200
+    # A stream under way keeps one old worker alive (retiring) well after the switch.
+    t, received = stream_under_way(p, 3)
     try:
-        deadline = time.monotonic() + 10
-        while not received and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert received, "the stream never started"
         keys.write_text("sk-new\n")
-        report = reload.ReloadReport()
-        reload._replace_proxy_workers(FakeRpc(p.proc.pid), load(config, check_files=False), report)
+        report = switch(p.proc.pid, load(config, check_files=False))
         assert report.failure is None and report.proxy_workers_replaced
         assert [status(p.url, "sk-new") for _ in range(20)] == [200] * 20
         assert [status(p.url, "sk-old") for _ in range(20)] == [401] * 20
@@ -86,18 +97,41 @@ def test_every_connection_after_the_reload_gets_the_new_settings(keyed: tuple[Pr
     assert b"".join(received).endswith(b"data: [DONE]\n\n")  # finished by its retiring worker
 
 
-def switch(pid: int, cfg: ApplianceConfig) -> reload.ReloadReport:
-    report = reload.ReloadReport()
-    reload._replace_proxy_workers(FakeRpc(pid), cfg, report)
-    return report
+def test_a_reload_right_after_another_waits_for_the_arbiter(keyed: tuple[Proxy, Path, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # After the first switch the arbiter waits for the old worker's stream (up to graceful_timeout_s, 20 s here)
+    # before it handles the second SIGHUP. The second reload must wait for it, say why, and still succeed.
+    monkeypatch.setattr(reload, "SWITCH_MARGIN_S", 1.0)
+    monkeypatch.setattr(reload, "SWITCH_SAY_AFTER_S", 0.5)
+    p, config, keys = keyed
+    assert p.proc is not None
+    t, received = stream_under_way(p, 4)
+    try:
+        keys.write_text("sk-second\n")
+        assert switch(p.proc.pid, load(config, check_files=False)).proxy_workers_replaced
+        keys.write_text("sk-third\n")
+        said: list[str] = []
+        began = time.monotonic()
+        report = switch(p.proc.pid, load(config, check_files=False), said)
+        waited = time.monotonic() - began
+        assert report.failure is None and report.proxy_workers_replaced, report.failure
+        assert [status(p.url, "sk-third") for _ in range(10)] == [200] * 10
+        assert [status(p.url, "sk-second") for _ in range(10)] == [401] * 10
+    finally:
+        t.join(30)
+    assert b"".join(received).endswith(b"data: [DONE]\n\n")
+    print(f"second reload waited {waited:.2f} s")
+    assert waited > 1.0  # longer than the margin alone: it waited for the arbiter
+    assert said == ["waiting for the proxy to replace its workers: after a reload it lets the old workers finish their "
+                    "streams before it takes the next one (server.graceful_timeout_s, 20 s at most)"]
 
 
 @pytest.fixture()
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ApplianceConfig:
-    """A config whose runtime_dir exists, and a short switch timeout."""
-    monkeypatch.setattr(reload, "SWITCH_TIMEOUT_S", 0.5)
-    cfg = load(write_config(tmp_path / "appliance.toml", stub_config(tmp_path, free_port(), free_port())),
-               check_files=False)
+    """A config whose runtime_dir exists, with a switch timeout of 1 s (graceful_timeout_s, no margin)."""
+    monkeypatch.setattr(reload, "SWITCH_MARGIN_S", 0.0)
+    doc = stub_config(tmp_path, free_port(), free_port(), graceful_timeout_s=1)
+    cfg = load(write_config(tmp_path / "appliance.toml", doc), check_files=False)
     Path(cfg.supervision.runtime_dir).mkdir(parents=True)
     return cfg
 
@@ -119,7 +153,7 @@ def test_the_reload_fails_when_the_proxy_does_not_replace_its_workers(cfg: Appli
         finally:
             proc.kill()
     assert not report.proxy_workers_replaced
-    assert report.failure == (f"the proxy did not start replacing its workers 0.5 s after SIGHUP: it still serves the "
+    assert report.failure == (f"the proxy did not start replacing its workers 1 s after SIGHUP: it still serves the "
                               f"old settings; see {cfg.log_dir}/proxy.log")
     assert report.lines() == []  # not "nothing changed": the SIGHUP was sent
 
@@ -139,7 +173,7 @@ def test_the_reload_names_old_workers_that_keep_accepting(cfg: ApplianceConfig) 
                 proc.kill()
                 proc.wait()
     assert report.failure is not None and not report.proxy_workers_replaced
-    assert report.failure.startswith(f"the proxy workers {workers[1].pid} still accept connections 0.5 s after SIGHUP")
+    assert report.failure.startswith(f"the proxy workers {workers[1].pid} still accept connections 1 s after SIGHUP")
 
 
 def test_acknowledgements_of_exited_workers_are_forgotten(tmp_path: Path) -> None:
