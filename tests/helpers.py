@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -171,3 +173,22 @@ def proxy_over_stubs(tmp: Path, **server: Any) -> Iterator[tuple[Proxy, dict[str
         p.stop()
         chat.stop()
         embed.stop()
+
+
+def stream_under_way(p: Proxy, events: int, headers: Mapping[str, str] | None = None
+                     ) -> tuple[threading.Thread, list[bytes]]:
+    """A stub stream of ``events`` events 0.25 s apart, consumed in a thread; returns once its first bytes arrived."""
+    received: list[bytes] = []
+
+    def consume() -> None:
+        body = json.dumps({"stub": "stream", "n": events, "delay": 0.25}).encode()
+        with httpx.stream("POST", p.url + "/v1/chat/completions", content=body, headers=headers, timeout=60) as r:
+            received.extend(r.iter_raw())
+
+    t = threading.Thread(target=consume)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert received, "the stream never started"
+    return t, received

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import Proxy, free_port, proxy_over_stubs, stub_config, write_config
+from tests.helpers import Proxy, free_port, proxy_over_stubs, stream_under_way, stub_config, write_config
 from tests.stub_llama import StubLlama
 
 
@@ -118,24 +116,6 @@ def test_dead_child_gives_502_then_503_and_other_model_still_serves(tmp_path: Pa
 
 def one_worker_proxy(tmp_path: Path) -> contextlib.AbstractContextManager[tuple[Proxy, dict[str, Any], Path]]:
     return proxy_over_stubs(tmp_path, workers=1, graceful_timeout_s=20)
-
-
-def stream_under_way(p: Proxy, events: int) -> tuple[threading.Thread, list[bytes]]:
-    """A stub stream of ``events`` events 0.25 s apart, consumed in a thread; returns once its first bytes arrived."""
-    received: list[bytes] = []
-
-    def consume() -> None:
-        body = json.dumps({"stub": "stream", "n": events, "delay": 0.25}).encode()
-        with httpx.stream("POST", p.url + "/v1/chat/completions", content=body, timeout=30) as r:
-            received.extend(r.iter_raw())
-
-    t = threading.Thread(target=consume)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert received, "the stream never started"
-    return t, received
 
 
 def test_sigterm_drains_streams_and_reports_draining(tmp_path: Path) -> None:

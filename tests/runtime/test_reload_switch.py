@@ -3,12 +3,10 @@ accepting, so every connection opened after it gets the new settings; and it say
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from appliance.config import ApplianceConfig, load
 from appliance.proxy import retire
 from appliance.runtime import reload
-from tests.helpers import Proxy, free_port, proxy_over_stubs, stub_config, write_config
+from tests.helpers import Proxy, free_port, proxy_over_stubs, stream_under_way, stub_config, write_config
 
 
 class FakeSupervisor:
@@ -60,30 +58,14 @@ def switch(pid: int, cfg: ApplianceConfig, said: list[str] | None = None) -> rel
     return report
 
 
-def stream_under_way(p: Proxy, seconds: float) -> tuple[threading.Thread, list[bytes]]:
-    """A stub stream of ``seconds`` (events 0.25 s apart) with key sk-old; returns once its first bytes arrived."""
-    received: list[bytes] = []
-
-    def consume() -> None:
-        body = json.dumps({"stub": "stream", "n": int(seconds / 0.25), "delay": 0.25}).encode()
-        with httpx.stream("POST", p.url + "/v1/chat/completions", content=body, timeout=60,
-                          headers={"Authorization": "Bearer sk-old"}) as r:
-            received.extend(r.iter_raw())
-
-    t = threading.Thread(target=consume)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert received, "the stream never started"
-    return t, received
+OLD_KEY = {"Authorization": "Bearer sk-old"}
 
 
 def test_every_connection_after_the_reload_gets_the_new_settings(keyed: tuple[Proxy, Path, Path]) -> None:
     p, config, keys = keyed
     assert p.proc is not None and status(p.url, "sk-old") == 200
     # A stream under way keeps one old worker alive (retiring) well after the switch.
-    t, received = stream_under_way(p, 3)
+    t, received = stream_under_way(p, 12, OLD_KEY)  # 3 s
     try:
         keys.write_text("sk-new\n")
         report = switch(p.proc.pid, load(config, check_files=False))
@@ -105,7 +87,7 @@ def test_a_reload_right_after_another_waits_for_the_arbiter(keyed: tuple[Proxy, 
     monkeypatch.setattr(reload, "SWITCH_SAY_AFTER_S", 0.5)
     p, config, keys = keyed
     assert p.proc is not None
-    t, received = stream_under_way(p, 4)
+    t, received = stream_under_way(p, 16, OLD_KEY)  # 4 s
     try:
         keys.write_text("sk-second\n")
         assert switch(p.proc.pid, load(config, check_files=False)).proxy_workers_replaced
