@@ -9,6 +9,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 from appliance.config import DEFAULT_PATH, ApplianceConfig, ConfigError, config_warnings, load
+from appliance.lifecycle import plan
+from appliance.lifecycle.plan import Footprint
 
 
 def _print_problems(path: Path, e: ConfigError) -> None:
@@ -23,9 +25,15 @@ def print_warnings(cfg: ApplianceConfig, prefix: str = "") -> None:
         print(f"{prefix}warning: {warning}", file=sys.stderr, flush=True)
 
 
+def load_planned(path: Path) -> tuple[ApplianceConfig, dict[str, Footprint]]:
+    """The config and every model's memory footprint; ConfigError also for a memory plan that cannot work."""
+    cfg = load(path)
+    return cfg, plan.checked(cfg)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     try:
-        cfg = load(args.path)
+        cfg, fps = load_planned(args.path)
     except ConfigError as e:
         _print_problems(args.path, e)
         return 1
@@ -35,6 +43,8 @@ def _check_config(args: argparse.Namespace) -> int:
     scheme = "https" if cfg.server.tls_cert_file else "http"
     print(f"{args.path}: OK: proxy ({scheme}) on {binds} port {cfg.server.port}, "
           f"metrics on 127.0.0.1:{cfg.metrics.port}, models: {models}")
+    for line in plan.describe(cfg, fps):
+        print(line)
     return 0
 
 
@@ -89,7 +99,7 @@ def _reload(args: argparse.Namespace) -> int:
     from appliance.runtime.reload import ReloadError, reload
 
     try:
-        cfg = load(args.config)
+        cfg, _ = load_planned(args.config)
     except ConfigError as e:
         _print_problems(args.config, e)
         print("reload: nothing changed; the running config stays in force", file=sys.stderr)
@@ -112,7 +122,7 @@ def _up(args: argparse.Namespace) -> int:
     from appliance.runtime.up import run_up
 
     try:
-        cfg = load(args.config)
+        cfg, _ = load_planned(args.config)
     except ConfigError as e:
         _print_problems(args.config, e)
         return 1

@@ -14,7 +14,8 @@ from typing import Any
 
 from appliance.config import load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir
-from appliance.proxy import hostload, retire
+from appliance.proxy import retire
+from appliance.shared import hostload
 
 _cfg = load(os.environ["APPLIANCE_CONFIG"], check_files=False)
 # Must be set before prometheus_client is first imported (it reads the variable at import time).

@@ -10,6 +10,9 @@ from appliance.config.load import (
     read_api_keys,
 )
 from appliance.config.model import (
+    ALWAYS,
+    CPU,
+    ON_DEMAND,
     ApplianceConfig,
     EventsConfig,
     LlamaServerConfig,
@@ -20,7 +23,10 @@ from appliance.config.model import (
 )
 
 __all__ = [
+    "ALWAYS",
+    "CPU",
     "DEFAULT_PATH",
+    "ON_DEMAND",
     "ApplianceConfig",
     "ConfigError",
     "EventsConfig",

@@ -49,6 +49,8 @@ REFUSED: dict[str, str] = {
     "--no-webui": "always on",
     "--webui": "the web UI stays off",
     "--slot-save-path": "writes files outside the models directory",
+    "--device": "set models[].devices (memory budgets are planned per device)",
+    "-dev": "set models[].devices (memory budgets are planned per device)",
 }
 
 # Flags that take no value.
@@ -63,7 +65,7 @@ ALLOWED_WITH_VALUE = frozenset({
     # performance
     "--batch-size", "-b", "--ubatch-size", "-ub", "--threads-batch", "-tb", "--flash-attn", "-fa", "--numa",
     "--split-mode", "-sm", "--main-gpu", "-mg", "--tensor-split", "-ts", "--poll", "--prio", "--cpu-mask", "-C",
-    "--cpu-range", "-Cr", "--override-tensor", "-ot", "--n-cpu-moe", "-ncmoe", "--device", "-dev",
+    "--cpu-range", "-Cr", "--override-tensor", "-ot", "--n-cpu-moe", "-ncmoe",
     # cache
     "--cache-type-k", "-ctk", "--cache-type-v", "-ctv", "--defrag-thold", "-dt", "--cache-reuse",
     "--cache-ram", "-cram",

@@ -18,7 +18,10 @@ from typing import Any
 
 from appliance.config.args import check_extra_args
 from appliance.config.model import (
+    ALWAYS,
     BODY_LIMIT_MAX,
+    CPU,
+    ON_DEMAND,
     ApplianceConfig,
     EventsConfig,
     LlamaServerConfig,
@@ -34,6 +37,9 @@ KINDS = ("chat", "embed", "rerank")
 # A key's name: what metrics and events show instead of the key.
 _KEY_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 POOLINGS = ("none", "mean", "cls", "last", "rank")
+LOADS = (ALWAYS, ON_DEMAND)
+# llama.cpp's device names: CPU (host memory), CUDA0, ROCm0, Vulkan0, Metal, SYCL0...
+_DEVICE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 # llama-server's built-in chat templates (``llama-server --help``, pinned version); anything else is a .jinja file.
 CHAT_TEMPLATES = frozenset({
     "bailing", "bailing-think", "bailing2", "chatglm3", "chatglm4", "chatml", "command-r", "deepseek", "deepseek-ocr",
@@ -210,13 +216,15 @@ def _check_server(server: ServerConfig, base: Path, problems: _Problems) -> None
         problems.add("server.workers", "must be at least 1")
     if not 0 < server.body_limit_bytes <= BODY_LIMIT_MAX:
         problems.add("server.body_limit_bytes", f"must be between 1 and {BODY_LIMIT_MAX} (256 MiB)")
-    for key in ("request_timeout_s", "graceful_timeout_s", "header_timeout_s", "body_idle_timeout_s"):
+    for key in ("request_timeout_s", "graceful_timeout_s", "header_timeout_s", "body_idle_timeout_s", "load_timeout_s"):
         if getattr(server, key) <= 0:
             problems.add(f"server.{key}", "must be greater than 0")
     for key, low in (("max_header_bytes", 1024), ("max_url_bytes", 256), ("max_headers", 8),
                      ("max_connections_per_worker", 1)):
         if getattr(server, key) < low:
             problems.add(f"server.{key}", f"must be at least {low}")
+    if server.min_residency_s < 0:
+        problems.add("server.min_residency_s", "must be 0 or more")
     if server.max_url_bytes > server.max_header_bytes:
         problems.add("server.max_url_bytes", "must not exceed server.max_header_bytes (the URL is part of the head)")
     for i, origin in enumerate(server.cors_allow_origins):
@@ -318,6 +326,78 @@ def _check_models(cfg: ApplianceConfig, problems: _Problems) -> None:
                          f"{m.chat_template!r} (built-ins use llama.cpp's own engine); use a .jinja file instead")
         for reason in check_extra_args(m.extra_args):
             problems.add(f"{key}.extra_args", reason)
+        _check_memory_keys(cfg, m, key, problems)
+
+
+def _check_memory_keys(cfg: ApplianceConfig, m: ModelConfig, key: str, problems: _Problems) -> None:
+    if m.load not in LOADS:
+        problems.add(f"{key}.load", f"must be one of {', '.join(LOADS)}, got {m.load!r}")
+    if m.idle_unload_s < 0:
+        problems.add(f"{key}.idle_unload_s", "must be 0 or more (0: unload only when the memory is needed)")
+    elif m.idle_unload_s and not m.on_demand:
+        problems.add(f"{key}.idle_unload_s", f"only on_demand models are unloaded (set load = \"{ON_DEMAND}\")")
+    for j, device in enumerate(m.devices):
+        if not _DEVICE.match(device):
+            problems.add(f"{key}.devices[{j}]", f"{device!r} is not a llama.cpp device name (CPU, CUDA0, Vulkan0...)")
+        elif device in m.devices[:j]:
+            problems.add(f"{key}.devices[{j}]", f"{device!r} is listed twice")
+    if m.devices and m.gpu_layers and not m.gpu_devices:
+        problems.add(f"{key}.devices", f"gpu_layers = {m.gpu_layers} offloads layers, but devices names no GPU "
+                     "device (add one, e.g. \"CUDA0\", or set gpu_layers = 0)")
+    if m.devices and not m.gpu_layers and m.gpu_devices:
+        problems.add(f"{key}.devices", f"{', '.join(m.gpu_devices)} would hold nothing with gpu_layers = 0 (offload "
+                     "layers with gpu_layers, or list only CPU)")
+    for device in m.memory_mib:
+        if m.memory_devices and device not in m.memory_devices:
+            problems.add(f"{key}.memory_mib.{device}", f"the model does not use {device} (its devices: "
+                         f"{', '.join(m.memory_devices)})")
+    if not cfg.memory:
+        return
+    if not m.memory_devices:
+        problems.add(f"{key}.devices", f"gpu_layers = {m.gpu_layers} offloads layers: name the devices this model "
+                     "uses (e.g. [\"CPU\", \"CUDA0\"]) so that its memory is counted against their budgets")
+    for j, device in enumerate(m.memory_devices):
+        if device not in cfg.memory:
+            where = f"{key}.devices[{j}]" if m.devices else f"{key}.devices"
+            problems.add(where, f"{device} has no budget in [memory] (known: {', '.join(sorted(cfg.memory))})")
+
+
+def _parse_memory(raw: Any, problems: _Problems) -> dict[str, int]:
+    """[memory]: MiB per device."""
+    if not isinstance(raw, dict):
+        problems.add("memory", "must be a table of MiB per device, e.g. [memory] CPU = 16384")
+        return {}
+    out: dict[str, int] = {}
+    for device, mib in raw.items():
+        if not _DEVICE.match(device):
+            problems.add(f"memory.{device}", "is not a llama.cpp device name (CPU, CUDA0, Vulkan0...)")
+        elif isinstance(mib, bool) or not isinstance(mib, int) or mib < 1:
+            problems.add(f"memory.{device}", f"must be a whole number of MiB, at least 1, got {mib!r}")
+        else:
+            out[device] = mib
+    return out
+
+
+def _parse_memory_mib(raw: Any, devices: Any, gpu_layers: Any, key: str, problems: _Problems) -> dict[str, int]:
+    """A model's ``memory_mib``: a number for a model on one device, or a table of MiB per device."""
+    if not isinstance(devices, list) or not devices:
+        devices = [CPU] if not gpu_layers else []
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        if len(devices) != 1:
+            problems.add(key, "a single number needs a model on one device; give a table per device, e.g. "
+                         "{ CPU = 600, CUDA0 = 9000 }")
+            return {}
+        raw = {devices[0]: raw}
+    if not isinstance(raw, dict):
+        problems.add(key, f"must be a whole number of MiB or a table of MiB per device, got {raw!r}")
+        return {}
+    out: dict[str, int] = {}
+    for device, mib in raw.items():
+        if isinstance(mib, bool) or not isinstance(mib, int) or mib < 1:
+            problems.add(f"{key}.{device}", f"must be a whole number of MiB, at least 1, got {mib!r}")
+        else:
+            out[str(device)] = mib
+    return out
 
 
 def _check_ports(cfg: ApplianceConfig, problems: _Problems) -> None:
@@ -374,8 +454,8 @@ def parse(data: Mapping[str, Any], base: Path, source: Path | None = None, check
         "events": (EventsConfig, EventsConfig),
     }
     for key in data:
-        if key not in (*sections, "models"):
-            problems.add(key, f"unknown section (known: {', '.join([*sections, 'models'])})")
+        if key not in (*sections, "models", "memory"):
+            problems.add(key, f"unknown section (known: {', '.join([*sections, 'memory', 'models'])})")
     built: dict[str, Any] = {}
     for name, (cls, make) in sections.items():
         built[name] = make(**_section(cls, data.get(name, {}), name, problems))
@@ -385,10 +465,16 @@ def parse(data: Mapping[str, Any], base: Path, source: Path | None = None, check
         problems.add("models", "must be an array of tables ([[models]])")
         raw_models = []
     for i, raw in enumerate(raw_models):
+        memory_mib: dict[str, int] = {}
+        if isinstance(raw, dict) and "memory_mib" in raw:
+            raw = dict(raw)
+            memory_mib = _parse_memory_mib(raw.pop("memory_mib"), raw.get("devices"), raw.get("gpu_layers"),
+                                           f"models[{i}].memory_mib", problems)
         values = _section(ModelConfig, raw, f"models[{i}]", problems, required=("name", "file", "port"))
         if all(k in values for k in ("name", "file", "port")):
-            models.append(ModelConfig(**values))
-    cfg = ApplianceConfig(models=tuple(models), source=source, **built)
+            models.append(ModelConfig(**values, memory_mib=memory_mib))
+    memory = _parse_memory(data.get("memory", {}), problems)
+    cfg = ApplianceConfig(models=tuple(models), source=source, memory=memory, **built)
     if len(models) == len(raw_models):
         _check_models(cfg, problems)
         _check_ports(cfg, problems)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MiB = 1024 * 1024
+CPU = "CPU"
+ALWAYS, ON_DEMAND = "always", "on_demand"
 BODY_LIMIT_DEFAULT = 32 * MiB
 BODY_LIMIT_MAX = 256 * MiB
 
@@ -42,6 +44,10 @@ class ServerConfig:
     tls_key_file: str = ""
     #: Browser origins allowed to call the API (CORS); empty sends no CORS headers at all.
     cors_allow_origins: tuple[str, ...] = ()
+    #: How long a request for an on-demand model waits for it to be loaded (and for memory to load it in).
+    load_timeout_s: float = 300.0
+    #: An on-demand model, once loaded, keeps its memory this long while it has work, even if another model waits.
+    min_residency_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,31 @@ class ModelConfig:
     #: Requests waiting beyond ``parallel`` on this host before 429; None means 4 x parallel.
     max_queue: int | None = None
     extra_args: tuple[str, ...] = ()
+    #: "always" (loaded at start, never unloaded) or "on_demand" (loaded by the first request that needs it).
+    load: str = "always"
+    #: On-demand models: unloaded after this long with nothing in flight; 0: only when their memory is needed.
+    idle_unload_s: float = 0.0
+    #: The devices whose memory budgets ([memory]) the model counts against, by llama.cpp's names (CPU, CUDA0,
+    #: Vulkan0...); empty: CPU for a model with gpu_layers = 0. The GPU devices are passed on as --device.
+    devices: tuple[str, ...] = ()
+    #: MiB per device, overriding the estimate from the GGUF file.
+    memory_mib: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def on_demand(self) -> bool:
+        return self.load == ON_DEMAND
+
+    @property
+    def memory_devices(self) -> tuple[str, ...]:
+        """The devices the model's memory is counted on."""
+        if self.devices:
+            return self.devices
+        return (CPU,) if self.gpu_layers == 0 else ()
+
+    @property
+    def gpu_devices(self) -> tuple[str, ...]:
+        """What llama-server gets as --device: CPU is host memory, not a llama.cpp device."""
+        return tuple(d for d in self.devices if d != CPU)
 
     @property
     def queue_limit(self) -> int:
@@ -127,6 +158,8 @@ class ApplianceConfig:
     llama_server: LlamaServerConfig = field(default_factory=LlamaServerConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    #: Memory budget per device in MiB ([memory]); empty: no budget, memory is not planned.
+    memory: dict[str, int] = field(default_factory=dict)
     source: Path | None = None
 
     @property

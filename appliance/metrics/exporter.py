@@ -23,9 +23,9 @@ from aiohttp import web
 
 from appliance.config import ApplianceConfig, load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir, read_lifecycle_dropped, read_restarts
-from appliance.proxy import hostload
 from appliance.runtime.names import program_name
 from appliance.runtime.supervisor_rpc import all_process_info
+from appliance.shared import hostload
 
 log = logging.getLogger("appliance.exporter")
 BIND = "127.0.0.1"

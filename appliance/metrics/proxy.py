@@ -106,7 +106,7 @@ FIRST_TOKEN_SECONDS = Histogram("appliance_time_to_first_token_seconds",
                                 buckets=LATENCY_BUCKETS)
 STREAM_EVENTS = Histogram("appliance_stream_events", "Streams: SSE events passed through per response.", ["model"],
                           buckets=EVENT_COUNT_BUCKETS)
-# appliance_in_flight is read by the exporter from the proxy's own counters (appliance.proxy.hostload).
+# appliance_in_flight is read by the exporter from the proxy's own counters (appliance.shared.hostload).
 # Answered below the app (malformed or oversized heads, deadlines, the connection cap): no route, model or event.
 HTTP_REFUSED = Counter("appliance_http_refused", "Requests refused by the HTTP layer before routing.", ["status"])
 QUEUE_FULL = Counter("appliance_queue_full", "Requests refused with 429: parallel + max_queue already in flight.",

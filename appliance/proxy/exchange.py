@@ -41,6 +41,8 @@ class Exchange:
     bytes_out: int = 0
     events: int = 0
     first_event_s: float | None = None
+    #: Time spent waiting for an on-demand model to be loaded.
+    load_wait_s: float | None = None
     #: The JSON body (bounded) or a stream's last STREAM_TAIL bytes or more, only to read "usage" at the end.
     kept: bytearray = field(default_factory=bytearray)
 
@@ -88,6 +90,8 @@ def finish(events: EventSink, ex: Exchange) -> None:
     }
     if ex.first_event_s is not None:
         event["first_token_ms"] = round(ex.first_event_s * 1000, 3)
+    if ex.load_wait_s is not None:
+        event["load_wait_ms"] = round(ex.load_wait_s * 1000, 3)
     usage = ex.usage() if ex.kept else None
     if usage:
         event["usage"] = usage

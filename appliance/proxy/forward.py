@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -12,6 +13,7 @@ import falcon.asgi
 import orjson
 
 from appliance.config import ModelConfig
+from appliance.lifecycle.client import ManagerUnavailable, wait_loaded
 from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import Exchange, finish
@@ -20,6 +22,7 @@ from appliance.proxy.relay import relay
 from appliance.proxy.routes import Route
 from appliance.proxy.runtime import Runtime
 from appliance.proxy.upstream import UpstreamError, UpstreamResponse
+from appliance.shared.modelstate import READY
 
 log = logging.getLogger("appliance.proxy")
 
@@ -119,10 +122,11 @@ class Forward:
         ex.route = self.route.path
         ex.model = model.name
         ex.request_bytes = len(body)
-        if not rt.readiness.is_ready(model):
+        if not model.on_demand and not rt.readiness.is_ready(model):
             state = rt.readiness.models[model.name].state
             raise ApiError(503, f"model {model.name!r} is not ready ({state}); retry shortly", "model_not_ready",
                            {"Retry-After": "2"})
+        # An on-demand model's request counts as in flight before its state is read: see appliance.shared.modelstate.
         if not rt.try_enter(model):
             metrics.QUEUE_FULL.labels(model.name).inc()
             raise ApiError(429, f"model {model.name!r} has {model.queue_limit} requests in flight on this host "
@@ -133,6 +137,8 @@ class Forward:
         rt.watches.add(disconnect)
         handed_over = False
         try:
+            if model.on_demand and rt.model_states.get(model.name) != READY:
+                await self._wait_loaded(model, ex, disconnect)
             up = await self._send(model, body, headers, disconnect, req.context.request_id)
             resp.status = up.status
             for h in DOWNSTREAM_HEADERS:
@@ -160,6 +166,28 @@ class Forward:
                 disconnect.cancel()
                 rt.watches.discard(disconnect)
                 rt.leave(model)
+
+    async def _wait_loaded(self, model: ModelConfig, ex: Exchange, disconnect: asyncio.Future[None]) -> None:
+        """Wait for the model manager to load ``model``; the request stays counted in flight meanwhile, so the model
+        cannot be unloaded between its load and this request."""
+        timeout = self.rt.cfg.server.load_timeout_s
+        t0 = time.perf_counter()
+        try:
+            answer = await wait_loaded(self.rt.lifecycle_socket, model.name, timeout, disconnect)
+        except ManagerUnavailable as e:
+            log.warning("model %s is not loaded and the model manager does not answer: %s", model.name, e)
+            raise ApiError(503, f"model {model.name!r} is not loaded and cannot be loaded now (the model manager is "
+                           "not running); retry shortly", "model_not_ready", {"Retry-After": "5"}) from None
+        finally:
+            ex.load_wait_s = time.perf_counter() - t0
+        if answer.get("ok"):
+            return
+        if disconnect.cancelled():
+            raise ApiError(503, "this server is shutting down and its grace period is over; retry (another host)",
+                           "draining", {"Retry-After": "1"})
+        headers = {"Retry-After": str(answer["retry_after"])} if answer.get("retry_after") else {}
+        raise ApiError(int(answer.get("status", 503)), str(answer.get("message", "")),
+                       str(answer.get("code", "model_not_ready")), headers)
 
     def _done(self, model: ModelConfig, ex: Exchange, disconnect: asyncio.Future[None]) -> None:
         self.rt.watches.discard(disconnect)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import xmlrpc.client
@@ -22,6 +23,7 @@ from appliance.metrics import read_restarts
 from appliance.proxy.upstream import Upstream
 from appliance.runtime.names import program_name
 from appliance.runtime.supervisor_rpc import all_process_info
+from appliance.shared import modelstate
 
 log = logging.getLogger("appliance.proxy")
 
@@ -34,6 +36,8 @@ class ModelState:
     since: float = 0.0
     restarts: int = 0
     ever_ready: bool = False
+    #: Why an on-demand model's last load failed (from the model manager), without paths.
+    error: str = ""
 
     def set(self, state: str) -> None:
         self.ever_ready |= state == READY
@@ -47,9 +51,21 @@ def _supervisor_view(cfg: ApplianceConfig, socket_path: Path) -> tuple[dict[str,
     return {i["name"]: i for i in all_process_info(socket_path)}, read_restarts(cfg)
 
 
+def _manager_errors(cfg: ApplianceConfig) -> dict[str, str]:
+    """The last load error of each on-demand model, from the model manager's status file."""
+    try:
+        doc = json.loads(modelstate.status_file(cfg).read_text())
+        return {name: str(m.get("last_error", "")) for name, m in doc["models"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 class Readiness:
-    def __init__(self, cfg: ApplianceConfig, upstream: Upstream, interval_s: float = 1.0) -> None:
+    def __init__(self, cfg: ApplianceConfig, upstream: Upstream, states: modelstate.ModelStates,
+                 interval_s: float = 1.0) -> None:
         self._cfg = cfg
+        self._states = states
+        self._on_demand = frozenset(m.name for m in cfg.models if m.on_demand)
         self._upstream = upstream
         self._interval = interval_s
         now = time.time()
@@ -74,6 +90,7 @@ class Readiness:
                 sup, restarts = await asyncio.to_thread(_supervisor_view, self._cfg, self._supervisor_socket)
             except (OSError, xmlrpc.client.Error) as e:
                 log.debug("supervisord not reachable: %s", e)
+        errors = _manager_errors(self._cfg) if self._on_demand else {}
         statuses = await asyncio.gather(
             *(self._upstream.health(f"http://127.0.0.1:{m.port}", timeout_s=2.0) for m in self._cfg.models)
         )
@@ -82,7 +99,12 @@ class Readiness:
             program = program_name(m)
             st.restarts = restarts.get(program, st.restarts)
             statename = sup.get(program, {}).get("statename")
-            if status == 200:
+            managed = self._states.get(m.name) if m.on_demand else modelstate.READY
+            st.error = errors.get(m.name, "")
+            if managed != modelstate.READY:
+                # The model manager's word: unloaded, loading, unloading or failed to load.
+                st.set(modelstate.NAMES[managed])
+            elif status == 200:
                 st.set(READY)
             elif statename == "FATAL":
                 st.set(FAILED)
@@ -113,9 +135,12 @@ class Readiness:
                 await self._task
 
     def summary(self) -> tuple[str, str]:
-        """(status, warm_up_state) for /health, before draining is taken into account."""
-        states = {s.state for s in self.models.values()}
-        if states == {READY}:
+        """(status, warm_up_state) for /health, before draining is taken into account. An on-demand model decides
+        only when its load failed: unloaded, it is ready to be loaded by the first request."""
+        states = {s.state for name, s in self.models.items() if name not in self._on_demand}
+        if any(self.models[name].state == FAILED for name in self._on_demand):
+            states.add(FAILED)
+        if states <= {READY}:
             return "ok", "ready"
         if FAILED in states:
             return "unhealthy", "unhealthy"

@@ -13,16 +13,21 @@ from appliance.proxy.runtime import Runtime
 
 
 class Models:
+    """The configured models, each with its state (an on-demand model may be unloaded: its first request loads it)."""
+
     def __init__(self, rt: Runtime) -> None:
-        self.body = json.dumps({
-            "object": "list",
-            "data": [{"id": m.name, "object": "model", "created": rt.started, "owned_by": "appliance",
-                      "kind": m.kind, "aliases": list(m.aliases)} for m in rt.cfg.models],
-        }).encode()
+        self.rt = rt
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        rt = self.rt
+        states = rt.readiness.models
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = self.body
+        resp.data = json.dumps({
+            "object": "list",
+            "data": [{"id": m.name, "object": "model", "created": rt.started, "owned_by": "appliance",
+                      "kind": m.kind, "aliases": list(m.aliases), "load": m.load, "state": states[m.name].state}
+                     for m in rt.cfg.models],
+        }).encode()
 
     on_head = on_get
 
@@ -43,7 +48,8 @@ class Health:
             "warm_up_state": warm,
             "backend": "llama-server",
             "model": default.name,
-            "models": {n: {"state": s.state, "since": round(s.since, 3), "restarts": s.restarts}
+            "models": {n: {"state": s.state, "since": round(s.since, 3), "restarts": s.restarts,
+                           **({"error": s.error} if s.error else {})}
                        for n, s in rt.readiness.models.items()},
             "version": self.version,
         }

@@ -10,9 +10,11 @@ from typing import Any
 
 from appliance.config import ApplianceConfig, ModelConfig, read_api_keys
 from appliance.events.sink import EventSink
-from appliance.proxy.hostload import HostLoad, load_dir
+from appliance.lifecycle.client import socket_path
 from appliance.proxy.readiness import Readiness
 from appliance.proxy.upstream import Upstream
+from appliance.shared.hostload import HostLoad, load_dir
+from appliance.shared.modelstate import ModelStates, state_dir
 
 
 class Deadlines:
@@ -60,9 +62,12 @@ class Runtime:
     def __init__(self, cfg: ApplianceConfig) -> None:
         self.cfg = cfg
         self.upstream = Upstream()
-        self.readiness = Readiness(cfg, self.upstream)
         self.events = EventSink(cfg.events, cfg.events_file)
         self.load = HostLoad(load_dir(cfg), (m.name for m in cfg.models))
+        #: The on-demand models' states, as the model manager sets them (read once per request for such a model).
+        self.model_states = ModelStates(state_dir(cfg), tuple(m.name for m in cfg.models if m.on_demand))
+        self.readiness = Readiness(cfg, self.upstream, self.model_states)
+        self.lifecycle_socket = socket_path(cfg.supervision.runtime_dir)
         #: (key, its name) pairs; empty means no authentication.
         self.keys: tuple[tuple[bytes, str], ...] = ()
         if cfg.server.api_keys_file:

@@ -80,6 +80,8 @@ def build_argv(cfg: ApplianceConfig, model: ModelConfig) -> list[str]:
         argv += ["--no-jinja", "--chat-template", model.chat_template]
     if model.mmproj:
         argv += ["--mmproj", str(resolve_model_file(cfg, model.mmproj))]
+    if model.gpu_devices:
+        argv += ["--device", ",".join(model.gpu_devices)]
     argv += ["--metrics", "--no-webui", *model.extra_args]
     return argv
 
@@ -111,7 +113,8 @@ def exec_model(cfg: ApplianceConfig, name: str) -> None:
     except KeyError:
         raise LaunchError(f"no model named {name!r} in {cfg.source}") from None
     argv = build_argv(cfg, model)
-    delay = backoff_delay(cfg, model)
+    # The model manager paces an on-demand model's loads itself: a swap soon after the last one is no failure.
+    delay = 0.0 if model.on_demand else backoff_delay(cfg, model)
     if delay:
         print(f"run-model {name}: restarting after a short-lived run; waiting {delay:g} s", file=sys.stderr, flush=True)
         time.sleep(delay)

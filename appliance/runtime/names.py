@@ -9,6 +9,8 @@ from appliance.config import ModelConfig
 PROXY_PROGRAM = "proxy"
 EXPORTER_PROGRAM = "exporter"
 EVENTS_PROGRAM = "events"
+#: The model manager (appliance.lifecycle), present when some model loads on demand.
+LIFECYCLE_PROGRAM = "lifecycle"
 
 
 def program_name(model: ModelConfig) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import ApplianceConfig, ModelConfig
-from appliance.runtime.names import EVENTS_PROGRAM, EXPORTER_PROGRAM, PROXY_PROGRAM, program_name
+from appliance.runtime.names import EVENTS_PROGRAM, EXPORTER_PROGRAM, LIFECYCLE_PROGRAM, PROXY_PROGRAM, program_name
 
 # By file name, not `python:appliance.gunicorn_conf`: gunicorn re-executes a config file on SIGHUP, whereas a module
 # stays cached in sys.modules and new workers would keep the old settings.
@@ -72,6 +72,14 @@ def _models_seen_by_others(cfg: ApplianceConfig) -> list[list[Any]]:
 
 def exporter_fingerprint(cfg: ApplianceConfig) -> str:
     return _digest(version("appliance"), cfg.metrics.port, _models_seen_by_others(cfg), cfg.supervision.runtime_dir)
+
+
+def lifecycle_fingerprint(cfg: ApplianceConfig) -> str:
+    """The manager plans with every model's settings and file (its footprint), the budgets and the timings."""
+    server, sup = cfg.server, cfg.supervision
+    return _digest(version("appliance"), [model_fingerprint(cfg, m) for m in cfg.models], cfg.memory,
+                   server.load_timeout_s, server.min_residency_s, sup.backoff_initial_s, sup.backoff_max_s,
+                   dataclasses.asdict(cfg.events), str(cfg.log_dir))
 
 
 def events_fingerprint(cfg: ApplianceConfig) -> str:
@@ -134,15 +142,16 @@ serverurl=unix://{p["socket"]}
 """]
     for m in cfg.models:
         name = program_name(m)
-        # startsecs: a run shorter than stable_uptime_s is a failed start; startretries of them in a row -> FATAL.
+        # always: a run shorter than stable_uptime_s (startsecs) is a failed start; startretries of them in a row ->
+        # FATAL. on_demand: the model manager starts and stops it, and decides what a failed load means, so
+        # supervisord neither starts it nor restarts it.
         # The launcher execs llama-server, so TERM reaches it directly; the group kill is a safety net.
+        starts = ("autostart=false\nautorestart=false\nstartsecs=0\nstartretries=0" if m.on_demand else
+                  f"autostart=true\nautorestart=true\nstartsecs={sup.stable_uptime_s}\nstartretries={sup.max_restarts}")
         parts.append(f"""[program:{name}]
 command={py} -m appliance run-model {_arg(m.name)} --config {config}
 environment=APPLIANCE_FINGERPRINT="{model_fingerprint(cfg, m)}"
-autostart=true
-autorestart=true
-startsecs={sup.stable_uptime_s}
-startretries={sup.max_restarts}
+{starts}
 stopsignal=TERM
 stopwaitsecs=20
 stopasgroup=true
@@ -163,6 +172,17 @@ stopasgroup=true
 killasgroup=true
 priority=200
 {_log_settings(p["logs"], PROXY_PROGRAM)}""")
+    if any(m.on_demand for m in cfg.models):
+        parts.append(f"""[program:{LIFECYCLE_PROGRAM}]
+command={py} -m appliance.lifecycle.manager --config {config}
+environment=APPLIANCE_FINGERPRINT="{lifecycle_fingerprint(cfg)}"
+autostart=true
+autorestart=true
+startsecs=1
+stopsignal=TERM
+stopwaitsecs=10
+priority=150
+{_log_settings(p["logs"], LIFECYCLE_PROGRAM)}""")
     parts.append(f"""[program:{EXPORTER_PROGRAM}]
 command={py} -m appliance.metrics.exporter --config {config}
 environment=APPLIANCE_FINGERPRINT="{exporter_fingerprint(cfg)}"

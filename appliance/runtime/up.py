@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from appliance.config import ApplianceConfig, ConfigError, config_warnings, load
+from appliance.lifecycle import plan
 from appliance.runtime.reload import ReloadError, reload
 from appliance.runtime.supervisor_conf import write_supervisor_conf
 
@@ -66,7 +67,9 @@ def _reload(cfg: ApplianceConfig) -> None:
     assert cfg.source is not None
     _say(f"SIGHUP: reloading {cfg.source}")
     try:
-        report = reload(load(cfg.source), lambda line: _say(f"reload: {line}"))
+        new = load(cfg.source)
+        plan.checked(new)
+        report = reload(new, lambda line: _say(f"reload: {line}"))
     except ConfigError as e:
         for problem in e.problems:
             _say(f"  {problem}")

@@ -68,10 +68,12 @@ class Appliance:
         raise TimeoutError(f"/health never returned {want}:\n{self.log.read_text()[-4000:]}")
 
     def wait_running(self, timeout: float = 60) -> None:
-        """Until supervisord calls every program RUNNING (models only after stable_uptime_s)."""
+        """Until supervisord calls every program RUNNING (models only after stable_uptime_s), on-demand models
+        aside (the model manager starts them)."""
+        on_demand = {"model-" + m["name"] for m in self.doc["models"] if m.get("load") == "on_demand"}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            lines = self.supervisorctl("status").splitlines()
+            lines = [line for line in self.supervisorctl("status").splitlines() if line.split()[0] not in on_demand]
             if lines and all(line.split()[1] == "RUNNING" for line in lines):
                 return
             time.sleep(0.25)

@@ -11,6 +11,7 @@ import pytest
 from appliance.config import load
 from appliance.proxy import readiness
 from appliance.proxy.readiness import Readiness
+from appliance.shared.modelstate import ModelStates
 from tests.helpers import stub_config, write_config
 
 
@@ -36,7 +37,7 @@ def test_a_ready_model_that_goes_down_is_named_after_supervisords_state(
     view: dict[str, dict[str, Any]] = {"model-chat-a": {"statename": "RUNNING"}}
     monkeypatch.setattr(readiness, "_supervisor_view", lambda cfg, sock: (view, {}))
     upstream = FakeUpstream()
-    r = Readiness(cfg, upstream)  # type: ignore[arg-type]
+    r = Readiness(cfg, upstream, ModelStates(tmp_path / "states", ()))  # type: ignore[arg-type]
     asyncio.run(r.poll_once())
     assert r.models["chat-a"].state == "ready"
     upstream.status = None

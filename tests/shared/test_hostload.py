@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance.proxy import hostload
-from appliance.proxy.hostload import HostLoad
+from appliance.shared import hostload
+from appliance.shared.hostload import HostLoad
 
 
 def test_the_reader_creates_nothing_and_reads_zero_before_any_worker(tmp_path: Path) -> None:

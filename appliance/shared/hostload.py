@@ -9,6 +9,10 @@ can overshoot the bound by at most one request each.
 A worker claims its slot with a byte-range lock on ``slots``, which the kernel drops when the worker dies however it
 dies; the slot's new owner zeroes the counters, and the arbiter zeroes a dead worker's counters at once
 (``release_dead``, from gunicorn's ``child_exit``) so that a killed worker's requests do not count until then.
+
+Each model's file also holds, per slot, the number of requests ever admitted: the model manager
+(``appliance.lifecycle``) sees a model's use from it, however short its requests, without a write of its own on the
+request path.
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ def _model_file(directory: Path, model: str) -> Path:
     return directory / (hashlib.sha256(model.encode()).hexdigest()[:24] + ".count")
 
 
+# A model's file: SLOTS in-flight counters, then SLOTS admitted-ever counters.
+_MODEL_FILE_SIZE = 2 * SLOTS * _COUNTER.size
+
+
 class HostLoad:
     def __init__(self, directory: Path, models: Iterable[str]) -> None:
         self._directory = directory
@@ -100,7 +108,7 @@ class HostLoad:
         owners[_HIGH] = max(owners[_HIGH], self._slot + 1)
         fcntl.lockf(self._slots_fd, fcntl.LOCK_UN, 1, SLOTS)
         for name in self._names:
-            view = memoryview(_map(_model_file(self._directory, name), SLOTS * _COUNTER.size)).cast("q")
+            view = memoryview(_map(_model_file(self._directory, name), _MODEL_FILE_SIZE)).cast("q")
             view[self._slot] = 0
             self._counts[name] = view
 
@@ -111,6 +119,7 @@ class HostLoad:
         if sum(counts[:self._owners[_HIGH]]) >= limit:
             return False
         counts[self._slot] += 1
+        counts[SLOTS + self._slot] += 1
         return True
 
     def leave(self, model: str) -> None:
@@ -130,11 +139,23 @@ def in_flight(directory: Path, models: Iterable[str]) -> dict[str, int]:
         live = [slot for slot, pid in enumerate(owners[:SLOTS]) if pid > 0 and os.path.exists(f"/proc/{pid}")]
         totals = {}
         for model in models:
-            counts = _read(_model_file(directory, model), SLOTS * _COUNTER.size)
+            counts = _read(_model_file(directory, model), _MODEL_FILE_SIZE)
             totals[model] = sum(counts[slot] for slot in live) if counts is not None else 0
         return totals
     except OSError:
         return {m: 0 for m in models}
+
+
+def admitted(directory: Path, models: Iterable[str]) -> dict[str, int]:
+    """Requests ever admitted per model since the proxy started, dead workers' included: a change means use."""
+    totals = {}
+    for model in models:
+        try:
+            counts = _read(_model_file(directory, model), _MODEL_FILE_SIZE)
+        except OSError:
+            counts = None
+        totals[model] = sum(counts[SLOTS:]) if counts is not None else 0
+    return totals
 
 
 def release_dead(directory: Path, pid: int) -> None:
@@ -147,5 +168,5 @@ def release_dead(directory: Path, pid: int) -> None:
         if owner == pid:
             slots[slot] = 0
             for path in directory.glob("*.count"):
-                memoryview(_map(path, SLOTS * _COUNTER.size)).cast("q")[slot] = 0
+                memoryview(_map(path, _MODEL_FILE_SIZE)).cast("q")[slot] = 0
             return
