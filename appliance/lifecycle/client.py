@@ -49,7 +49,7 @@ async def wait_loaded(path: Path, model: str, timeout_s: float, gone: asyncio.Fu
                     return {"ok": False, "status": 499, "code": "client_closed",
                             "message": "client closed the request while its model was loading"}
                 return {"ok": False, "status": 503, "code": "model_not_ready", "retry_after": 5,
-                        "message": f"model {model!r} was not loaded within {timeout_s:g} s (server.load_timeout_s)"}
+                        "message": f"model {model!r} was not loaded in time (server.load_timeout_s)"}
             line = read.result()
         except OSError:
             line = b""

@@ -47,7 +47,7 @@ from appliance.lifecycle.client import socket_path
 from appliance.runtime import supervisor_rpc
 from appliance.runtime.names import program_name
 from appliance.shared import hostload, modelstate
-from appliance.shared.modelstate import CLOSING, FAILED, LOADING, READY, UNLOADED
+from appliance.shared.modelstate import CLOSING, FAILED, LOAD_BUCKETS, LOADING, READY, UNLOADED
 
 log = logging.getLogger("appliance.lifecycle")
 
@@ -57,8 +57,6 @@ TICK_S = 0.1
 CLOSE_GRACE_S = 0.05
 #: Within its residency, a model with nothing in flight and no request admitted for this long counts as idle.
 IDLE_S = 1.0
-#: The buckets of appliance_model_load_seconds.
-LOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _PATH = re.compile(r"(?:[A-Za-z]:)?/[^\s'\"():,]+")
 _REASON = re.compile(r"error|fail|unable|cannot|out of memory|invalid|not enough", re.IGNORECASE)
 

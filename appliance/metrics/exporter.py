@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import math
 import os
 import time
 import xmlrpc.client
@@ -25,10 +27,12 @@ from appliance.config import ApplianceConfig, load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir, read_lifecycle_dropped, read_restarts
 from appliance.runtime.names import program_name
 from appliance.runtime.supervisor_rpc import all_process_info
-from appliance.shared import hostload
+from appliance.shared import hostload, modelstate
+from appliance.shared.modelstate import LOAD_BUCKETS, UNLOAD_REASONS
 
 log = logging.getLogger("appliance.exporter")
 BIND = "127.0.0.1"
+MiB = 1024 * 1024
 CHILD_TIMEOUT_S = 2.0
 STATES = ("STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN")
 
@@ -105,6 +109,7 @@ class Exporter:
             in_flight.add_metric([name], float(n))
         yield in_flight
         yield from merged.values()
+        yield from lifecycle_families(self.cfg)
 
         restarts = read_restarts(self.cfg)
         p_up = GaugeMetricFamily("appliance_program_up", "1 when supervisord reports the program RUNNING.",
@@ -125,6 +130,44 @@ class Exporter:
             p_start.add_metric(labels, float(info["start"]))
             p_restarts.add_metric(labels, float(restarts.get(prog, 0)))
         yield from (p_up, p_state, p_start, p_restarts)
+
+
+def lifecycle_families(cfg: ApplianceConfig) -> Iterable[Any]:
+    """The model manager's counters (loads, unloads by reason, load seconds, requests waiting) and each device's budget
+    and estimated use, from its status file; nothing while no model loads on demand."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    try:
+        doc = json.loads(modelstate.status_file(cfg).read_text())
+        models: dict[str, Any] = doc["models"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    loads = CounterMetricFamily("appliance_model_loads", "On-demand model loads that became ready.", labels=["model"])
+    unloads = CounterMetricFamily("appliance_model_unloads", "On-demand model unloads by reason (idle, evicted, "
+                                  "operator, failed).", labels=["model", "reason"])
+    seconds = HistogramMetricFamily("appliance_model_load_seconds", "Time from an on-demand model's start to its "
+                                    "/health answering 200.", labels=["model"])
+    waiting = GaugeMetricFamily("appliance_model_load_waiting", "Requests waiting for their model to be loaded.",
+                                labels=["model"])
+    for name, m in models.items():
+        loads.add_metric([name], float(m["loads"]))
+        for reason in UNLOAD_REASONS:
+            unloads.add_metric([name, reason], float(m["unloads"].get(reason, 0)))
+        cumulative, buckets = 0, []
+        for bound, count in zip((*LOAD_BUCKETS, math.inf), m["load_seconds_buckets"], strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), float(cumulative)))
+        seconds.add_metric([name], buckets, float(m["load_seconds_sum"]))
+        waiting.add_metric([name], float(m["waiting"]))
+    budget = GaugeMetricFamily("appliance_memory_budget_bytes", "Each device's memory budget ([memory]).",
+                               labels=["device"])
+    used = GaugeMetricFamily("appliance_memory_used_bytes", "Each device's memory held by loaded models, as "
+                             "estimated (or set by memory_mib).", labels=["device"])
+    for device, mib in doc.get("budget", {}).items():
+        budget.add_metric([device], float(mib) * MiB)
+    for device, mib in doc.get("used", {}).items():
+        used.add_metric([device], float(mib) * MiB)
+    yield from (loads, unloads, seconds, waiting, budget, used)
 
 
 def _with_lifecycle_drops(proxy_families: Iterable[Any], dropped: int) -> Iterable[Any]:

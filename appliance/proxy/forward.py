@@ -170,7 +170,8 @@ class Forward:
     async def _wait_loaded(self, model: ModelConfig, ex: Exchange, disconnect: asyncio.Future[None]) -> None:
         """Wait for the model manager to load ``model``; the request stays counted in flight meanwhile, so the model
         cannot be unloaded between its load and this request."""
-        timeout = self.rt.cfg.server.load_timeout_s
+        # The manager answers at load_timeout_s, naming what holds the memory; the margin lets its answer arrive.
+        timeout = self.rt.cfg.server.load_timeout_s + 2.0
         t0 = time.perf_counter()
         try:
             answer = await wait_loaded(self.rt.lifecycle_socket, model.name, timeout, disconnect)

@@ -74,6 +74,18 @@ class Readiness:
         self._supervisor_socket: Path | None = sock if sock.exists() else None
         self._task: asyncio.Task[None] | None = None
 
+    def current(self, name: str) -> ModelState:
+        """A model's state now: an on-demand model's is the model manager's (read from shared memory), so that it shows
+        loaded the moment its first request is answered, not at the next poll."""
+        st = self.models[name]
+        if name in self._on_demand:
+            managed = self._states.get(name)
+            if managed != modelstate.READY:
+                st.set(modelstate.NAMES[managed])
+            elif st.state not in (READY, RESTARTING):
+                st.set(READY)
+        return st
+
     def is_ready(self, model: ModelConfig) -> bool:
         return self.models[model.name].state == READY
 
@@ -99,11 +111,9 @@ class Readiness:
             program = program_name(m)
             st.restarts = restarts.get(program, st.restarts)
             statename = sup.get(program, {}).get("statename")
-            managed = self._states.get(m.name) if m.on_demand else modelstate.READY
             st.error = errors.get(m.name, "")
-            if managed != modelstate.READY:
-                # The model manager's word: unloaded, loading, unloading or failed to load.
-                st.set(modelstate.NAMES[managed])
+            if m.on_demand and self._states.get(m.name) != modelstate.READY:
+                self.current(m.name)  # the model manager's word: unloaded, loading, unloading or failed to load
             elif status == 200:
                 st.set(READY)
             elif statename == "FATAL":
@@ -138,7 +148,7 @@ class Readiness:
         """(status, warm_up_state) for /health, before draining is taken into account. An on-demand model decides
         only when its load failed: unloaded, it is ready to be loaded by the first request."""
         states = {s.state for name, s in self.models.items() if name not in self._on_demand}
-        if any(self.models[name].state == FAILED for name in self._on_demand):
+        if any(self.current(name).state == FAILED for name in self._on_demand):
             states.add(FAILED)
         if states <= {READY}:
             return "ok", "ready"

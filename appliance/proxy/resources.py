@@ -20,12 +20,12 @@ class Models:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         rt = self.rt
-        states = rt.readiness.models
+        current = rt.readiness.current
         resp.content_type = falcon.MEDIA_JSON
         resp.data = json.dumps({
             "object": "list",
             "data": [{"id": m.name, "object": "model", "created": rt.started, "owned_by": "appliance",
-                      "kind": m.kind, "aliases": list(m.aliases), "load": m.load, "state": states[m.name].state}
+                      "kind": m.kind, "aliases": list(m.aliases), "load": m.load, "state": current(m.name).state}
                      for m in rt.cfg.models],
         }).encode()
 
@@ -50,7 +50,7 @@ class Health:
             "model": default.name,
             "models": {n: {"state": s.state, "since": round(s.since, 3), "restarts": s.restarts,
                            **({"error": s.error} if s.error else {})}
-                       for n, s in rt.readiness.models.items()},
+                       for n, s in ((n, rt.readiness.current(n)) for n in rt.readiness.models)},
             "version": self.version,
         }
         resp.status = 200 if status == "ok" else 503

@@ -22,7 +22,7 @@ from typing import Any
 from appliance.config import ApplianceConfig
 from appliance.proxy import retire
 from appliance.runtime import supervisor_rpc
-from appliance.runtime.names import PROXY_PROGRAM
+from appliance.runtime.names import PROXY_PROGRAM, program_name
 from appliance.runtime.supervisor_conf import proxy_fingerprint, runtime_paths, write_supervisor_conf
 
 
@@ -33,6 +33,8 @@ class ReloadError(RuntimeError):
 @dataclass
 class ReloadReport:
     added: list[str] = field(default_factory=list)
+    #: On-demand models added: known from now on, loaded by their first request.
+    added_on_demand: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
     #: True when the proxy replaced its workers: the old ones no longer accept connections.
@@ -42,7 +44,8 @@ class ReloadReport:
 
     def lines(self) -> list[str]:
         out = [f"{verb} {', '.join(names)}" for verb, names in
-               (("started", self.added), ("stopped", self.removed), ("restarted", self.restarted)) if names]
+               (("started", self.added), ("stopped", self.removed), ("restarted", self.restarted),
+                ("added (loaded on its first request)", self.added_on_demand)) if names]
         if self.proxy_workers_replaced:
             out.append(f"replaced the {PROXY_PROGRAM} workers (in-flight requests finish on the old ones)")
         return out or ([] if self.failure else ["nothing changed"])
@@ -93,9 +96,10 @@ def reload(cfg: ApplianceConfig, say: Callable[[str], None] = print) -> ReloadRe
             rpc.supervisor.removeProcessGroup(name)
             rpc.supervisor.addProcessGroup(name)
             report.restarted.append(name)
+        on_demand = {program_name(m) for m in cfg.models if m.on_demand}
         for name in sorted(added):
             rpc.supervisor.addProcessGroup(name)
-            report.added.append(name)
+            (report.added_on_demand if name in on_demand else report.added).append(name)
     except xmlrpc.client.Fault as e:
         raise ReloadError(f"supervisord refused: {e.faultString}") from e
     return report

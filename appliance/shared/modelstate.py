@@ -20,6 +20,11 @@ UNLOADED, LOADING, READY, CLOSING, FAILED = 0, 1, 2, 3, 4
 #: The names /health, /v1/models and `appliance` show.
 NAMES = {UNLOADED: "unloaded", LOADING: "loading", READY: "ready", CLOSING: "unloading", FAILED: "failed"}
 _SIZE = 8
+#: Why a model was unloaded: it stayed idle past idle_unload_s, made room for another, an operator stopped it (or it
+#: crashed), or its load failed.
+UNLOAD_REASONS = ("idle", "evicted", "operator", "failed")
+#: The buckets of appliance_model_load_seconds, counted by the manager in its status file.
+LOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 def state_dir(cfg: ApplianceConfig) -> Path:
