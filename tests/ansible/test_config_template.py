@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,6 +31,41 @@ def test_new_server_and_model_keys_reach_the_config(tmp_path: Path) -> None:
     chat, rank = cfg.models
     assert (chat.chat_template, chat.max_queue, chat.queue_limit) == ("gemma", 3, 5)
     assert (rank.kind, rank.max_queue) == ("rerank", None)
+
+
+def test_on_demand_keys_and_memory_budgets_reach_the_config(tmp_path: Path) -> None:
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    host = {**local, "appliance_memory": {"CPU": 16384, "CUDA0": 24000}, "appliance_server_load_timeout_s": 90,
+            "appliance_server_min_residency_s": 12,
+            "appliance_models": [
+                {"name": "big", "file": "m.gguf", "port": 11436, "load": "on_demand", "idle_unload_s": 600,
+                 "gpu_layers": 99, "devices": ["CPU", "CUDA0"], "memory_mib": {"CPU": 600, "CUDA0": 9000}},
+                {"name": "small", "file": "m.gguf", "port": 11437, "memory_mib": 800}]}
+    out = render(tmp_path, {"all": {"children": {"gpu_hosts": {"hosts": {"h": host}}, "appliance_lb": {}}}})
+    cfg = load(out / "h.toml", check_files=False)
+    assert cfg.memory == {"CPU": 16384, "CUDA0": 24000}
+    assert (cfg.server.load_timeout_s, cfg.server.min_residency_s) == (90.0, 12.0)
+    big, small = cfg.models
+    assert (big.load, big.idle_unload_s, big.devices, big.gpu_devices) == ("on_demand", 600.0, ("CPU", "CUDA0"),
+                                                                           ("CUDA0",))
+    assert big.memory_mib == {"CPU": 600, "CUDA0": 9000}
+    assert (small.load, small.memory_mib, small.memory_devices) == ("always", {"CPU": 800}, ("CPU",))
+
+
+def test_the_preflight_refuses_a_memory_plan_the_inventory_shows_cannot_work() -> None:
+    path = ANSIBLE / "filter_plugins" / "appliance_memory.py"
+    spec = importlib.util.spec_from_file_location("appliance_memory", path)
+    assert spec is not None and spec.loader is not None
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    appliance_memory_problems = plugin.appliance_memory_problems
+    models = [{"name": "a", "memory_mib": 700}, {"name": "b", "memory_mib": 700},
+              {"name": "c", "load": "on_demand", "gpu_layers": 10, "devices": ["CUDA1"]}]
+    problems = appliance_memory_problems(models, {"CPU": 1000})
+    assert problems == ["c: device CUDA1 has no budget in appliance_memory",
+                        "the always-loaded models need 1400 MiB of CPU, more than its budget of 1000 MiB"]
+    assert appliance_memory_problems(models[:1], {"CPU": 1000}) == []
+    assert appliance_memory_problems(models, {}) == []
 
 
 def run_keys_tasks(tmp: Path, keys: list[Any]) -> subprocess.CompletedProcess[str]:
