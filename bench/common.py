@@ -243,6 +243,8 @@ def _toml(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
     return str(v)
 
 
@@ -261,10 +263,12 @@ def render_toml(doc: Mapping[str, Any]) -> str:
 
 
 def appliance_config(tmp: Path, models: list[dict[str, Any]], binary: Path | None = None,
-                     models_dir: Path | None = None) -> tuple[Path, int]:
+                     models_dir: Path | None = None, sections: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> tuple[Path, int]:
     """Write an appliance config (API keys on, 2 workers, loopback) and its keys file; returns (path, proxy port).
 
-    ``binary``/``models_dir`` default to paths in ``tmp``: the proxy alone does not check them."""
+    ``binary``/``models_dir`` default to paths in ``tmp``: the proxy alone does not check them. ``sections`` are
+    merged over the defaults (``{"memory": {"CPU": 1000}}``)."""
     keys = tmp / "api_keys"
     keys.write_text(f"bench: {API_KEY}\n")
     port = free_port()
@@ -278,6 +282,8 @@ def appliance_config(tmp: Path, models: list[dict[str, Any]], binary: Path | Non
         "supervision": {"runtime_dir": str(tmp / "run")},
         "models": models,
     }
+    for name, values in (sections or {}).items():
+        doc[name] = {**doc.get(name, {}), **values}
     path = tmp / "appliance.toml"
     path.write_text(render_toml(doc))
     return path, port

@@ -170,6 +170,13 @@ class Manager:
         if run.state == FAILED and now < run.retry_at:
             waiter.future.set_result(self._failed_answer(run, now))
             return
+        if len(run.waiters) >= run.model.queue_limit:
+            # Waiting requests are not in flight (they hold no memory), so the queue bound is kept here.
+            waiter.future.set_result({
+                "ok": False, "status": 429, "code": "rate_limit_exceeded", "retry_after": 1,
+                "message": f"model {run.model.name!r} has {run.model.queue_limit} requests waiting for its load on "
+                           "this host (parallel + max_queue); retry shortly"})
+            return
         run.waiters.append(waiter)
         if run.model.name not in self.queue:
             self.queue.append(run.model.name)

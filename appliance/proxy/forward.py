@@ -126,7 +126,7 @@ class Forward:
             state = rt.readiness.models[model.name].state
             raise ApiError(503, f"model {model.name!r} is not ready ({state}); retry shortly", "model_not_ready",
                            {"Retry-After": "2"})
-        # An on-demand model's request counts as in flight before its state is read: see appliance.shared.modelstate.
+        # An on-demand model's request counts as in flight before its state is read (appliance.shared.modelstate).
         if not rt.try_enter(model):
             metrics.QUEUE_FULL.labels(model.name).inc()
             raise ApiError(429, f"model {model.name!r} has {model.queue_limit} requests in flight on this host "
@@ -137,8 +137,13 @@ class Forward:
         rt.watches.add(disconnect)
         handed_over = False
         try:
-            if model.on_demand and rt.model_states.get(model.name) != READY:
-                await self._wait_loaded(model, ex, disconnect)
+            while model.on_demand and rt.model_states.get(model.name) != READY:
+                # Waiting, the request holds no memory: it must not keep a closing model from being unloaded.
+                rt.load.leave(model.name)
+                try:
+                    await self._wait_loaded(model, ex, disconnect)
+                finally:
+                    rt.load.enter(model.name)
             up = await self._send(model, body, headers, disconnect, req.context.request_id)
             resp.status = up.status
             for h in DOWNSTREAM_HEADERS:
@@ -180,7 +185,7 @@ class Forward:
             raise ApiError(503, f"model {model.name!r} is not loaded and cannot be loaded now (the model manager is "
                            "not running); retry shortly", "model_not_ready", {"Retry-After": "5"}) from None
         finally:
-            ex.load_wait_s = time.perf_counter() - t0
+            ex.load_wait_s = (ex.load_wait_s or 0.0) + time.perf_counter() - t0
         if answer.get("ok"):
             return
         if disconnect.cancelled():

@@ -122,6 +122,12 @@ class HostLoad:
         counts[SLOTS + self._slot] += 1
         return True
 
+    def enter(self, model: str) -> None:
+        """Count a request admitted before (``try_enter``) in flight again, after a wait that did not count."""
+        counts = self._counts[model]
+        counts[self._slot] += 1
+        counts[SLOTS + self._slot] += 1
+
     def leave(self, model: str) -> None:
         self._counts[model][self._slot] -= 1
 

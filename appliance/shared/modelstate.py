@@ -4,7 +4,8 @@ The manager (``appliance.lifecycle.manager``) is the only writer. A worker reads
 "forward now"; anything else means "ask the manager and wait". Before the manager unloads a model it sets CLOSING,
 waits a moment, and then waits for the model's in-flight count (``hostload``) to reach zero. A worker counts its
 request in flight *before* it reads the state. So either the worker saw CLOSING and waits for the model's next turn,
-or the manager sees its request in flight and does not stop the model under it.
+or the manager sees its request in flight and does not stop the model under it. A request that waits for a load is
+not counted in flight while it waits (it holds no memory), and is counted again before it reads the state anew.
 """
 
 from __future__ import annotations
