@@ -149,7 +149,11 @@ def lifecycle_families(cfg: ApplianceConfig) -> Iterable[Any]:
                                     "/health answering 200.", labels=["model"])
     waiting = GaugeMetricFamily("appliance_model_load_waiting", "Requests waiting for their model to be loaded.",
                                 labels=["model"])
+    state = GaugeMetricFamily("appliance_model_state", "The model manager's state of each on-demand model "
+                              "(1 = current).", labels=["model", "state"])
     for name, m in models.items():
+        for known in modelstate.NAMES.values():
+            state.add_metric([name, known], 1.0 if m["state"] == known else 0.0)
         loads.add_metric([name], float(m["loads"]))
         for reason in UNLOAD_REASONS:
             unloads.add_metric([name, reason], float(m["unloads"].get(reason, 0)))
@@ -167,7 +171,7 @@ def lifecycle_families(cfg: ApplianceConfig) -> Iterable[Any]:
         budget.add_metric([device], float(mib) * MiB)
     for device, mib in doc.get("used", {}).items():
         used.add_metric([device], float(mib) * MiB)
-    yield from (loads, unloads, seconds, waiting, budget, used)
+    yield from (loads, unloads, seconds, waiting, state, budget, used)
 
 
 def _with_lifecycle_drops(proxy_families: Iterable[Any], dropped: int) -> Iterable[Any]:

@@ -152,6 +152,9 @@ def test_metrics_count_loads_unloads_and_the_budget(app: Appliance) -> None:
     assert 'appliance_model_unloads_total{model="od-b",reason="evicted"}' in text
     assert 'appliance_model_load_seconds_count{model="od-b"}' in text
     assert 'appliance_model_load_waiting{model="od-c"} 0.0' in text
+    # od-c is unloaded: not ready, and not down either (the ApplianceModelDown alert leaves it out).
+    assert 'appliance_model_state{model="od-c",state="unloaded"} 1.0' in text
+    assert 'appliance_model_ready{model="od-c"} 0.0' in text
 
 
 def test_an_operator_stop_is_accounted_for(app: Appliance) -> None:

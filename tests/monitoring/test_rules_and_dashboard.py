@@ -11,7 +11,10 @@ from tests.helpers import REPO
 
 MONITORING = REPO / "monitoring"
 EXPORTER_FAMILIES = {"appliance_model_up", "appliance_model_ready", "appliance_program_up", "appliance_program_state",
-                     "appliance_program_start_time_seconds", "appliance_program_restarts", "appliance_in_flight"}
+                     "appliance_program_start_time_seconds", "appliance_program_restarts", "appliance_in_flight",
+                     "appliance_model_loads", "appliance_model_unloads", "appliance_model_load_seconds",
+                     "appliance_model_load_waiting", "appliance_model_state", "appliance_memory_budget_bytes",
+                     "appliance_memory_used_bytes"}
 
 
 def exported_names() -> set[str]:
@@ -33,12 +36,13 @@ def referenced(text: str) -> set[str]:
 def test_promtool_accepts_the_rules() -> None:
     r = subprocess.run(["promtool", "check", "rules", str(MONITORING / "alerts.yml")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 6 rules found" in r.stdout
+    assert "SUCCESS: 7 rules found" in r.stdout
 
 
 def test_rules_cover_the_required_alerts() -> None:
     text = (MONITORING / "alerts.yml").read_text()
-    for alert in ("ApplianceModelDown", "ApplianceRestartLoop", "ApplianceHighErrorRate", "ApplianceSlowFirstToken"):
+    for alert in ("ApplianceModelDown", "ApplianceRestartLoop", "ApplianceHighErrorRate", "ApplianceSlowFirstToken",
+                  "ApplianceModelLoadFailed"):
         assert f"alert: {alert}" in text
 
 
