@@ -34,6 +34,10 @@ PYTHON = sys.executable
 LOOPBACK = "127.0.0.1"
 # Debian puts nginx in /usr/sbin, which is not in an ordinary user's PATH.
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+# The llama-server binary and the default model that scripts/setup.sh installs (bench.real_model, bench.swap).
+BINARY = Path(os.environ.get("APPLIANCE_LLAMA_SERVER", REPO / ".appliance" / "bin" / "llama-server"))
+MODELS = Path(os.environ.get("APPLIANCE_MODELS_DIR", REPO / ".appliance" / "models"))
+MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 API_KEY = "bench-0123456789abcdef"
 AUTH_HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
 # A small chat completion, the size of an OpenAI answer to a short question: the proxy's per-request cost dominates.

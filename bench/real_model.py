@@ -49,9 +49,11 @@ import uvloop
 
 from bench.common import (
     AUTH_HEADERS,
+    BINARY,
     LOOPBACK,
+    MODEL_FILE,
+    MODELS,
     PYTHON,
-    REPO,
     Children,
     WrkResult,
     appliance_config,
@@ -70,9 +72,6 @@ from bench.common import (
     wrk_script,
 )
 
-BINARY = Path(os.environ.get("APPLIANCE_LLAMA_SERVER", REPO / ".appliance" / "bin" / "llama-server"))
-MODELS = Path(os.environ.get("APPLIANCE_MODELS_DIR", REPO / ".appliance" / "models"))
-MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 MODEL = "gemma-3-270m"
 EMBED_MODEL = "gemma-3-270m-embed"
 EMBED_REQUEST = json.dumps({"model": EMBED_MODEL, "input": "The quick brown fox jumps over the lazy dog."})

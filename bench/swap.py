@@ -34,9 +34,11 @@ from appliance.config import load
 from appliance.runtime.launcher import build_argv
 from bench.common import (
     AUTH_HEADERS,
+    BINARY,
     LOOPBACK,
+    MODEL_FILE,
+    MODELS,
     PYTHON,
-    REPO,
     Children,
     appliance_config,
     base_parser,
@@ -51,9 +53,6 @@ from bench.common import (
     wait_ok,
 )
 
-BINARY = Path(os.environ.get("APPLIANCE_LLAMA_SERVER", REPO / ".appliance" / "bin" / "llama-server"))
-MODELS = Path(os.environ.get("APPLIANCE_MODELS_DIR", REPO / ".appliance" / "models"))
-MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 PROMPT = "Write one sentence about the sea."
 
 

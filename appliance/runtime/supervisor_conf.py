@@ -172,27 +172,21 @@ stopasgroup=true
 killasgroup=true
 priority=200
 {_log_settings(p["logs"], PROXY_PROGRAM)}""")
+    # The model manager starts before the proxy (its workers ask it for loads) and stops after it.
+    helpers = [(EXPORTER_PROGRAM, "appliance.metrics.exporter", exporter_fingerprint(cfg), 300)]
     if any(m.on_demand for m in cfg.models):
-        parts.append(f"""[program:{LIFECYCLE_PROGRAM}]
-command={py} -m appliance.lifecycle.manager --config {config}
-environment=APPLIANCE_FINGERPRINT="{lifecycle_fingerprint(cfg)}"
+        helpers.insert(0, (LIFECYCLE_PROGRAM, "appliance.lifecycle.manager", lifecycle_fingerprint(cfg), 150))
+    for name, module, fingerprint, priority in helpers:
+        parts.append(f"""[program:{name}]
+command={py} -m {module} --config {config}
+environment=APPLIANCE_FINGERPRINT="{fingerprint}"
 autostart=true
 autorestart=true
 startsecs=1
 stopsignal=TERM
 stopwaitsecs=10
-priority=150
-{_log_settings(p["logs"], LIFECYCLE_PROGRAM)}""")
-    parts.append(f"""[program:{EXPORTER_PROGRAM}]
-command={py} -m appliance.metrics.exporter --config {config}
-environment=APPLIANCE_FINGERPRINT="{exporter_fingerprint(cfg)}"
-autostart=true
-autorestart=true
-startsecs=1
-stopsignal=TERM
-stopwaitsecs=10
-priority=300
-{_log_settings(p["logs"], EXPORTER_PROGRAM)}""")
+priority={priority}
+{_log_settings(p["logs"], name)}""")
     parts.append(f"""[eventlistener:{EVENTS_PROGRAM}]
 command={py} -m appliance.events.listener --config {config}
 environment=APPLIANCE_FINGERPRINT="{events_fingerprint(cfg)}"
