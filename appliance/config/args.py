@@ -114,6 +114,7 @@ def check_extra_args(args: Iterable[str]) -> list[str]:
             problems.append(f"{token!r} is not preceded by a flag that takes a value")
         else:
             problems.append(
-                f"{flag} is not on the allow-list (performance, sampling, cache and rope flags only; see README)"
+                f"{flag} is not on the allow-list (performance, sampling, cache and rope flags only; "
+                "see docs/configuration.md)"
             )
     return problems

@@ -256,7 +256,7 @@ def config_warnings(cfg: ApplianceConfig, now: dt.datetime | None = None) -> lis
     if lan and server.api_keys_file and not server.tls_cert_file:
         out.append(f"server.bind: {', '.join(lan)} is reachable from the network and serves plain HTTP, so API keys "
                    "(and prompts) travel in clear text; set server.tls_cert_file and server.tls_key_file to serve "
-                   "HTTPS (README: TLS)")
+                   "HTTPS (docs/operations.md: Rotate the TLS certificate)")
     if server.tls_cert_file:
         warning = validity_warning(Path(server.tls_cert_file), now or dt.datetime.now(dt.UTC))
         if warning:

@@ -1,4 +1,4 @@
-"""Typed, immutable configuration objects. Defaults are documented here and in README.md."""
+"""Typed, immutable configuration objects. Defaults are documented here and in docs/configuration.md."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ class Route:
     path: str
     #: Model kinds that can serve it; a body without ``"model"`` goes to the first configured model of ``kinds[0]``.
     kinds: tuple[str, ...]
-    #: What the README's API table says about it.
+    #: What the route table in docs/api.md says about it.
     doc: str
 
 
