@@ -34,30 +34,32 @@ from pathlib import Path, PurePosixPath
 from types import FrameType, TracebackType
 from typing import Any
 
-# Everything the deployment tests need on a host: the containers have no network access, so it is baked in here.
-# python3-apt and python3-packaging: Ansible's apt and pip modules hang or fail without them.
+# A fresh Debian 12 host: systemd, sshd and Python, plus what the tests use to reach and inspect it (sudo for
+# Ansible's become, ip and ss, ps and pgrep, curl; python3-apt, which Ansible's apt module needs in check mode and
+# would install itself otherwise). Nothing the roles install is here.
 PACKAGES = (
     "systemd",
     "systemd-sysv",
     "dbus",
     "openssh-server",
     "python3",
-    "python3-venv",
-    "python3-pip",
-    "python3-packaging",
     "python3-apt",
     "iproute2",
-    "ca-certificates",
     "curl",
     "procps",
     "sudo",
+)
+# What the roles install from a Debian mirror (site.yml, and fleet.yml for tests/deploy/test_fleet.py). The hosts are
+# offline, so these are only downloaded into apt's archive cache: installed nowhere, until a role asks apt for them.
+MIRRORED = (
+    "python3-venv",
+    "python3-packaging",
     "libgomp1",
     "haproxy",
-    # tests/deploy/test_fleet.py: the fleet's metrics (agents and the central Prometheus) and the HAProxy admin socket.
-    "prometheus",
     "socat",
+    "prometheus",
 )
-RECIPE_VERSION = "1"  # bump when the image recipe below changes
+RECIPE_VERSION = "2"  # bump when the image recipe below changes
 SUITE = "bookworm"
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range: never routed anywhere
 
@@ -174,7 +176,7 @@ def apt_mirror() -> str:
 
 def image_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    key = hashlib.sha256(json.dumps([RECIPE_VERSION, SUITE, sorted(PACKAGES)]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([RECIPE_VERSION, SUITE, sorted(PACKAGES), sorted(MIRRORED)]).encode()).hexdigest()
     return Path(base) / "appliance" / "images" / key
 
 
@@ -202,8 +204,12 @@ def ensure_image() -> Path:
                     "mmdebstrap",
                     "--variant=minbase",
                     f"--include={','.join(PACKAGES)}",
-                    # Keep the package lists: Ansible's apt module resolves installed packages against them offline.
-                    "--skip=cleanup/apt/lists",
+                    # The cache then holds MIRRORED only: apt installs them offline, as if from the mirror.
+                    '--customize-hook=chroot "$1" apt-get clean',
+                    f'--customize-hook=chroot "$1" apt-get install --download-only --yes --no-install-recommends '
+                    f'{" ".join(MIRRORED)}',
+                    # Keep the package lists and that cache: Ansible's apt module resolves packages against the lists.
+                    "--skip=cleanup/apt",
                     *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")),
                     SUITE,
                     str(tree),
@@ -218,7 +224,7 @@ def ensure_image() -> Path:
                 ["tar", *_TAR_OPTS, "-I", "zstd -T0 -3", "-C", str(tree), "-cf", str(tmp / final.name), "."],
                 timeout=600,
             )
-            (tmp / "packages.txt").write_text("\n".join(PACKAGES) + "\n")
+            (tmp / "packages.txt").write_text(f"installed: {' '.join(PACKAGES)}\nmirrored: {' '.join(MIRRORED)}\n")
             _remove_tree(tree)
             _remove_tree(final.parent)  # an incomplete entry someone else left
             tmp.rename(final.parent)  # atomic: the cache holds a whole image or none

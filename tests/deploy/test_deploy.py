@@ -1,7 +1,7 @@
 """site.yml against a real systemd host: refusals, deploy, idempotence, the deployed host, reloads, stop and crash.
 
-The tests run in file order and build on each other (one host, deployed once): preflight refusals on the fresh host
-first, then the deploy, then changes to it.
+The tests run in file order and build on each other (one host, deployed once): the fresh host (none of the roles'
+packages) and preflight refusals on it first, then the deploy, then changes to it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 import testinfra
 
 from tests.deploy.conftest import API_KEY, Deployment
+from tests.deploy.lab import MIRRORED
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.timeout(900)
@@ -32,6 +33,12 @@ def nothing_installed(d: Deployment) -> None:
     out = d.sh("id appliance 2>&1; ls /opt/appliance /etc/appliance /etc/systemd/system/appliance.service 2>&1",
                check=False)
     assert "no such user" in out and out.count("No such file or directory") == 3, out
+
+
+def test_the_host_starts_without_any_package_the_roles_install(deployment: Deployment) -> None:
+    h = host(deployment)
+    assert [p for p in MIRRORED if h.package(p).is_installed] == []
+    assert "libgomp.so.1" not in h.run("ldconfig -p").stdout
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -78,6 +85,12 @@ def test_files_users_and_modes(deployment: Deployment) -> None:
     installed = h.run("/opt/appliance/venv/bin/appliance --version").stdout.split()
     assert installed[0] == "appliance" and installed[1].startswith(version + "+src."), installed
     assert h.run("/opt/appliance/venv/bin/appliance check-config /etc/appliance/appliance.toml").rc == 0
+
+
+def test_llama_server_finds_every_shared_library_it_links(deployment: Deployment) -> None:
+    # The role installed the Debian packages of the binary's NEEDED libraries (libgomp1 for the CPU build).
+    ldd = host(deployment).run("ldd /opt/appliance/bin/llama-server")
+    assert ldd.rc == 0 and "not found" not in ldd.stdout, ldd.stdout + ldd.stderr
 
 
 def test_service_and_every_program_running(deployment: Deployment) -> None:
