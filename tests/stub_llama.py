@@ -70,6 +70,7 @@ class StubLlama:
             app = web.Application(client_max_size=1024**3)
             app.router.add_get("/health", self._health)
             app.router.add_get("/metrics", self._metrics)
+            app.router.add_get("/props", self._props)
             app.router.add_post("/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
             self._loop.run_until_complete(self._runner.setup())
@@ -93,6 +94,10 @@ class StubLlama:
         if self.health_status == 503:
             return web.json_response({"error": {"code": 503, "message": "Loading model"}}, status=503)
         return web.json_response({"status": "ok"}, status=self.health_status)
+
+    async def _props(self, request: web.Request) -> web.Response:
+        self.received.append(Received(request.path, dict(request.headers), b""))
+        return web.json_response({"default_generation_settings": {"n_ctx": 4096}, "stub_port": self.port})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=STUB_METRICS, content_type="text/plain")

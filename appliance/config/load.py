@@ -52,6 +52,11 @@ CHAT_TEMPLATES = frozenset({
 })
 
 
+def is_pattern(alias: str) -> bool:
+    """An alias with glob characters (``gpt-*``, ``claude-?-*``, ``text-embedding-[23]*``) matches many names."""
+    return any(c in alias for c in "*?[")
+
+
 def is_template_file(text: str) -> bool:
     return text.endswith(".jinja")
 
@@ -305,6 +310,10 @@ def _check_models(cfg: ApplianceConfig, problems: _Problems) -> None:
                 problems.add(where, "must not be empty")
             elif name in seen:
                 problems.add(where, f"{name!r} is already used by {seen[name]}")
+            elif j == 0 and is_pattern(name):
+                problems.add(where, f"{name!r}: a model's name cannot be a pattern (patterns go in aliases)")
+            elif is_pattern(name) and (reason := _pattern_problem(name)):
+                problems.add(where, reason)
             else:
                 seen[name] = where
         if m.kind not in KINDS:
@@ -327,6 +336,14 @@ def _check_models(cfg: ApplianceConfig, problems: _Problems) -> None:
         for reason in check_extra_args(m.extra_args):
             problems.add(f"{key}.extra_args", reason)
         _check_memory_keys(cfg, m, key, problems)
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    if pattern.count("[") != pattern.count("]"):
+        return f"{pattern!r}: unbalanced [ ] in the pattern"
+    if pattern.strip("*?") == "":
+        return f"{pattern!r} matches every name: unknown models would never get 404 (name a prefix, e.g. gpt-*)"
+    return None
 
 
 def _check_memory_keys(cfg: ApplianceConfig, m: ModelConfig, key: str, problems: _Problems) -> None:

@@ -16,10 +16,10 @@ import falcon.asgi
 
 from appliance.config import ApplianceConfig, load
 from appliance.proxy.errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
-from appliance.proxy.forward import Forward, Receive
+from appliance.proxy.forward import Forward, Props, Receive
 from appliance.proxy.middleware import Middleware
 from appliance.proxy.resources import Health, Livez, Models, Unexposed
-from appliance.proxy.routes import ROUTES, UNEXPOSED
+from appliance.proxy.routes import PROPS, ROUTES, UNEXPOSED
 from appliance.proxy.runtime import Runtime
 
 Scope = MutableMapping[str, Any]
@@ -41,6 +41,7 @@ class ProxyApp:
         app.req_options.auto_parse_form_urlencoded = False
         for route in ROUTES:
             app.add_route(route.path, Forward(rt, route))
+        app.add_route("/props", Props(rt, PROPS))
         for path, reason in UNEXPOSED.items():
             app.add_route(path, Unexposed(reason))
         models = Models(rt)

@@ -102,7 +102,7 @@ class Forward:
             return model
         if not isinstance(name, str):
             raise ApiError(400, "\"model\" must be a string", "invalid_model")
-        model = self.rt.names.get(name)
+        model = self.rt.names.get(name) or self.rt.match_pattern(name)
         if model is None:
             known = ", ".join(sorted(self.rt.names))
             raise ApiError(404, f"model {name!r} does not exist; available: {known}", "model_not_found")
@@ -117,7 +117,11 @@ class Forward:
             raise ApiError(503, "this server is shutting down; retry (another host)", "draining", {"Retry-After": "1"})
         receive: Receive = req.scope[RECEIVE_KEY]
         body = await read_body(req, receive, rt.cfg.server.body_limit_bytes)
-        model = self._model(parse_json(body))
+        await self._forward(req, resp, self._model(parse_json(body)), "POST", body)
+
+    async def _forward(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, model: ModelConfig, method: str,
+                       body: bytes) -> None:
+        rt = self.rt
         ex: Exchange = req.context.exchange
         ex.route = self.route.path
         ex.model = model.name
@@ -144,7 +148,7 @@ class Forward:
                     await self._wait_loaded(model, ex, disconnect)
                 finally:
                     rt.load.enter(model.name)
-            up = await self._send(model, body, headers, disconnect, req.context.request_id)
+            up = await self._send(model, method, body, headers, disconnect, req.context.request_id)
             resp.status = up.status
             for h in DOWNSTREAM_HEADERS:
                 if (v := up.headers.get(h)) is not None:
@@ -200,8 +204,8 @@ class Forward:
         self.rt.leave(model)
         finish(self.rt.events, ex)
 
-    async def _send(self, model: ModelConfig, body: bytes, headers: dict[str, str], disconnect: asyncio.Future[None],
-                    request_id: str) -> UpstreamResponse:
+    async def _send(self, model: ModelConfig, method: str, body: bytes, headers: dict[str, str],
+                    disconnect: asyncio.Future[None], request_id: str) -> UpstreamResponse:
         """Send the request and wait for the response headers, unless the client leaves, the worker's grace period
         ends (``disconnect`` done either way) or request_timeout_s passes.
 
@@ -222,7 +226,7 @@ class Forward:
         deadlines.add(task, timeout)
         disconnect.add_done_callback(interrupt)
         try:
-            return await self.rt.upstream.send("POST", url, body, headers)
+            return await self.rt.upstream.send(method, url, body, headers)
         except asyncio.CancelledError:
             if deadlines.discard(task):
                 raise  # cancelled for another reason: the worker is shutting down
@@ -245,3 +249,23 @@ class Forward:
         finally:
             deadlines.discard(task)
             disconnect.remove_done_callback(interrupt)
+
+
+class Props(Forward):
+    """GET /props, read-only: the chosen model's settings (context size, chat template...), which clients read.
+
+    ``?model=NAME`` chooses the model, as in llama-server's router mode; without it, the default chat model. POST
+    /props, which changes a model's settings for every client, is refused (405, as any method a path does not serve).
+    """
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if self.rt.draining:
+            raise ApiError(503, "this server is shutting down; retry (another host)", "draining", {"Retry-After": "1"})
+        name = req.get_param("model")
+        await self._forward(req, resp, self._model({"model": name} if name else {}), "GET", b"")
+
+    on_head = on_get
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        raise ApiError(405, "POST /props is not served by this appliance: it changes a model's settings for every "
+                       "client (GET /props reads them)", "method_not_allowed", {"Allow": "GET, HEAD"})

@@ -29,6 +29,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/embeddings", ("embed",), "OpenAI embeddings"),
     Route("/v1/responses", CHAT, "OpenAI Responses API (streaming events included)"),
     Route("/v1/responses/input_tokens", CHAT, "Responses API: count a request's input tokens"),
+    Route("/v1/chat/completions/input_tokens", CHAT, "count a chat request's input tokens"),
     Route("/v1/messages", CHAT, "Anthropic Messages API (streaming included)"),
     Route("/v1/messages/count_tokens", CHAT, "Anthropic: count a request's tokens"),
     Route("/v1/rerank", ("rerank",), "rerank documents against a query (Jina/Cohere shape)"),
@@ -40,18 +41,25 @@ ROUTES: tuple[Route, ...] = (
     Route("/completions", CHAT, "llama-server's native completion"),
     Route("/embeddings", ("embed",), "llama-server's native embeddings"),
     Route("/responses", CHAT, "same as /v1/responses"),
+    Route("/chat/completions/input_tokens", CHAT, "same as /v1/chat/completions/input_tokens"),
+    Route("/responses/input_tokens", CHAT, "same as /v1/responses/input_tokens"),
+    Route("/reranking", ("rerank",), "same as /v1/rerank"),
     # llama-server's native routes, for editor plugins and tools.
+    Route("/completion", CHAT, "llama-server's native completion (its original name, which many llama.cpp tools call)"),
+    Route("/embedding", ("embed",), "llama-server's native embeddings (its original name)"),
     Route("/infill", CHAT, "fill-in-the-middle for code editors"),
     Route("/tokenize", ANY_KIND, "text to tokens with the model's tokenizer"),
     Route("/detokenize", ANY_KIND, "tokens to text"),
     Route("/apply-template", CHAT, "the prompt the model's chat template makes of a message list"),
 )
 
+#: GET only (``forward.Props``): the model's settings; POST /props is refused.
+PROPS = Route("/props", ANY_KIND, "the model's settings (context size, chat template, ...), read-only; `?model=NAME`")
+
 #: llama-server routes that answer 404 here, and why: each changes a child's state or shows other clients' data.
 UNEXPOSED: dict[str, str] = {
     "/slots": "it shows the prompts of other clients",
     "/slots/{slot_id}": "it saves, restores or erases other clients' cached prompts",
-    "/props": "POST /props changes the server's settings for every client",
     "/models/load": "models are loaded by the operator's configuration",
     "/models/unload": "models are loaded by the operator's configuration",
     "/lora-adapters": "POST /lora-adapters changes the model for every client",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hmac
 import time
 from pathlib import Path
 from typing import Any
 
-from appliance.config import ApplianceConfig, ModelConfig, read_api_keys
+from appliance.config import ApplianceConfig, ModelConfig, is_pattern, read_api_keys
 from appliance.events.sink import EventSink
 from appliance.lifecycle.client import socket_path
 from appliance.proxy.readiness import Readiness
@@ -83,9 +84,13 @@ class Runtime:
         self.deadlines = Deadlines()
         self.started = int(time.time())
         self.names: dict[str, ModelConfig] = {}
+        #: Alias patterns (``gpt-*``), in config order: tried only when no exact name or alias matches.
+        self.patterns: tuple[tuple[str, ModelConfig], ...] = tuple(
+            (a, m) for m in cfg.models for a in m.aliases if is_pattern(a))
         for m in cfg.models:
             for n in (m.name, *m.aliases):
-                self.names[n] = m
+                if not is_pattern(n):
+                    self.names[n] = m
 
     def try_enter(self, model: ModelConfig) -> bool:
         """Admit one request for ``model`` unless the host already has ``parallel + max_queue`` in flight."""
@@ -103,6 +108,10 @@ class Runtime:
         SSE error event, or 503), rather than leave them to be cancelled mid-write when the worker exits."""
         for watch in list(self.watches):
             watch.cancel()
+
+    def match_pattern(self, name: str) -> ModelConfig | None:
+        """The first model with an alias pattern that ``name`` matches (names clients hard-code: gpt-*, claude-*)."""
+        return next((m for pattern, m in self.patterns if fnmatch.fnmatchcase(name, pattern)), None)
 
     def default_model(self, kind: str) -> ModelConfig | None:
         return next((m for m in self.cfg.models if m.kind == kind), None)

@@ -132,3 +132,12 @@ def test_an_unreadable_model_file_is_refused_only_when_memory_is_planned(tree: P
     path.write_text(render_toml(doc))
     r = run_check(path)
     assert r.returncode == 1 and "models[0].file: cannot read" in r.stderr and "set memory_mib" in r.stderr
+
+
+def test_alias_patterns_are_checked(tree: Path) -> None:
+    doc = models(base_doc(tree), {"name": "gpt-*"}, {"aliases": ["*", "text-embedding-[23", "text-embedding-*"]})
+    found = problems(tree, doc)
+    assert any(p.startswith("models[0].name:") and "cannot be a pattern" in p for p in found), found
+    assert any(p.startswith("models[1].aliases[0]:") and "matches every name" in p for p in found), found
+    assert any(p.startswith("models[1].aliases[1]:") and "unbalanced" in p for p in found), found
+    assert not any(p.startswith("models[1].aliases[2]") for p in found), found

@@ -20,7 +20,7 @@ KEY = "sk-e2e-api"
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     tmp = tmp_path_factory.mktemp("api")
     (tmp / "keys").write_text(f"e2e: {KEY}\n")
-    models = [{**chat_model(free_port()), "chat_template": "gemma"},
+    models = [{**chat_model(free_port()), "chat_template": "gemma", "aliases": ["gpt-*", "claude-*"]},
               {"name": "gemma-3-270m-rerank", "file": MODEL_FILE, "kind": "rerank", "port": free_port(),
                "ctx_size": 1024, "threads": 1, "parallel": 1}]
     with serving(tmp, models, {"server": {"api_keys_file": str(tmp / "keys")}}) as app:
@@ -80,6 +80,30 @@ def test_native_routes(api: Appliance) -> None:
     assert "Infill is not supported by this model" in infill.json()["error"]["message"]
 
 
+def test_llama_servers_last_native_routes_and_hard_coded_client_names(api: Appliance) -> None:
+    # POST /completion: llama-server's native completion, as llama.cpp's own tools call it.
+    r = httpx.post(api.url + "/completion", headers=_headers(), timeout=60,
+                   json={"prompt": "Paris is the capital of", "n_predict": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert "France" in r.json()["content"] and r.json()["tokens_predicted"] > 0
+    count = httpx.post(api.url + "/v1/chat/completions/input_tokens", headers=_headers(), timeout=60,
+                       json={"messages": [{"role": "user", "content": "Hello there"}]})
+    assert count.status_code == 200, count.text
+    assert count.json()["input_tokens"] > 0
+    # GET /props, read-only, for the default model or the one ?model= names; POST stays refused.
+    props = httpx.get(api.url + "/props", headers=_headers(), timeout=30)
+    assert props.status_code == 200, props.text
+    assert props.json()["default_generation_settings"]["n_ctx"] > 0 and "chat_template" in props.json()
+    rerank = httpx.get(api.url + "/props", params={"model": "gemma-3-270m-rerank"}, headers=_headers(), timeout=30)
+    assert rerank.status_code == 200 and rerank.json()["model_alias"] == "gemma-3-270m-rerank"
+    missing = httpx.get(api.url + "/props", params={"model": "nope"}, headers=_headers())
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    # A name a client hard-codes reaches the model an alias pattern gives it.
+    reply = openai.OpenAI(base_url=api.url + "/v1", api_key=KEY, max_retries=0).chat.completions.create(
+        model="gpt-3.5-turbo", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content is not None
+
+
 def test_rerank_model(api: Appliance) -> None:
     for path in ("/v1/rerank", "/rerank", "/v1/reranking"):
         r = httpx.post(api.url + path, headers=_headers(), timeout=60,
@@ -101,7 +125,7 @@ def test_bare_host_urls_and_the_readme_request(api: Appliance) -> None:
 
 
 def test_unexposed_routes(api: Appliance) -> None:
-    for method, path in (("GET", "/slots"), ("POST", "/props"), ("POST", "/models/load"), ("GET", "/metrics")):
+    for method, path in (("GET", "/slots"), ("POST", "/models/load"), ("GET", "/metrics")):
         r = httpx.request(method, api.url + path, headers=_headers(), json={})
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_exposed", (path, r.text)
 

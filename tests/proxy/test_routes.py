@@ -30,7 +30,8 @@ def api(stubs: tuple[StubLlama, StubLlama], rerank_stub: StubLlama, tmp_path_fac
     (tmp / "keys").write_text(f"alice: {KEY}\nsk-bare-key\n")
     doc = stub_config(tmp, stubs[0].port, stubs[1].port, api_keys_file=str(tmp / "keys"),
                       cors_allow_origins=[ORIGIN], request_timeout_s=10)
-    doc["models"][0].update(parallel=1, max_queue=1)
+    doc["models"][0].update(parallel=1, max_queue=1, aliases=["gpt-4o-mini", "llama-*"])
+    doc["models"][1]["aliases"] = ["text-embedding-*", "gpt-*"]
     doc["models"].append({"name": "rerank-a", "file": "a.gguf", "kind": "rerank", "port": rerank_stub.port})
     config = write_config(tmp / "appliance.toml", doc)
     proxy = Proxy(config, doc["server"]["port"]).start()
@@ -53,6 +54,44 @@ def test_every_route_reaches_the_same_path_on_its_default_model(
     r = httpx.post(api[0].url + route.path, content=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200, r.text
     assert [(x.path, x.body) for x in stub.received] == [(route.path, body)]
+
+
+def test_get_props_reads_the_chosen_models_settings_and_post_reaches_nothing(
+        api: tuple[Proxy, Exporter], stubs: tuple[StubLlama, StubLlama]) -> None:
+    chat, embed = stubs
+    chat.received.clear()
+    embed.received.clear()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(api[0].url + "/props", headers=auth)
+    assert r.status_code == 200 and r.json()["stub_port"] == chat.port  # the default chat model
+    assert [(x.path, x.body) for x in chat.received] == [("/props", b"")]
+    r = httpx.get(api[0].url + "/props", params={"model": "text-embedding-3-small"}, headers=auth)
+    assert r.status_code == 200 and r.json()["stub_port"] == embed.port  # by alias pattern
+    r = httpx.get(api[0].url + "/props", params={"model": "nope"}, headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    chat.received.clear()
+    r = httpx.post(api[0].url + "/props", json={"n_ctx": 1}, headers=auth)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "changes a model's settings" in r.json()["error"]["message"] and r.headers["allow"] == "GET, HEAD"
+    assert chat.received == []
+    assert httpx.get(api[0].url + "/props").status_code == 401  # a key is needed, as on every API route
+
+
+def test_alias_patterns_route_hard_coded_names_and_exact_names_win(
+        api: tuple[Proxy, Exporter], stubs: tuple[StubLlama, StubLlama]) -> None:
+    chat, embed = stubs
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for name, stub in (("gpt-4o-mini", chat), ("llama-3.1-8b-instruct", chat), ("gpt-3.5-turbo", embed),
+                       ("text-embedding-3-small", embed), ("chat-a", chat)):
+        chat.received.clear()
+        embed.received.clear()
+        r = httpx.post(api[0].url + "/tokenize", json={"model": name, "content": "x"}, headers=auth)
+        assert r.status_code == 200, (name, r.text)
+        assert len(stub.received) == 1, name
+    r = httpx.post(api[0].url + "/v1/chat/completions", json={"model": "mistral-7b"}, headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    listed = {m["id"]: m["aliases"] for m in httpx.get(api[0].url + "/v1/models", headers=auth).json()["data"]}
+    assert listed["embed-a"] == ["text-embedding-*", "gpt-*"]
 
 
 def test_a_route_refuses_a_model_of_the_wrong_kind(api: tuple[Proxy, Exporter]) -> None:
