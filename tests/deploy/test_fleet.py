@@ -50,7 +50,11 @@ def fleet_vars() -> dict[str, Any]:
          "parallel": 2},
         {"name": "embed", "file": MODEL_FILE, "kind": "embed", "port": 11437, "ctx_size": 512, "threads": 1,
          "parallel": 2, "pooling": "mean"},
+        # Loaded by its first request; its memory is estimated from the GGUF on the host (check-config's plan).
+        {"name": "ondemand", "file": MODEL_FILE, "kind": "chat", "port": 11438, "ctx_size": 512, "threads": 1,
+         "parallel": 1, "load": "on_demand", "idle_unload_s": 600},
     ]
+    v["appliance_memory"] = {"CPU": 1500}
     hashed = crypt.crypt(METRICS_PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))
     return {
         **v,
@@ -214,6 +218,29 @@ def test_lb_serves_both_hosts_and_the_appliance_checks_the_keys(fleet: Fleet) ->
         assert r.status_code == 200, r.text
         served.add(r.headers[SERVED_BY])
     assert served == set(NODES), served
+
+
+def test_an_unloaded_on_demand_model_keeps_hosts_in_and_loads_through_the_load_balancer(fleet: Fleet) -> None:
+    fleet.wait_lb(lambda s: all(s[n]["up"] for n in NODES), 60, "both hosts up")
+    for node in NODES:
+        health = json.loads(fleet.sh(node, f"curl -s http://{HOSTS[node]}:8080/health"))
+        assert health["status"] == "ok" and health["models"]["ondemand"]["state"] in ("unloaded", "ready"), health
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    served = set()
+    for _ in range(6):
+        r = httpx.post(LB_URL + "/v1/chat/completions", headers=headers, timeout=120, json={
+            "model": "ondemand", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "ondemand"
+        served.add(r.headers[SERVED_BY])
+    assert served, served
+    for node in served:
+        health = json.loads(fleet.sh(node, f"curl -s http://{HOSTS[node]}:8080/health"))
+        assert health["models"]["ondemand"]["state"] == "ready", health
+    assert all(s["up"] for s in fleet.lb_status().values())  # no host left the load balancer meanwhile
+    plan = fleet.sh("node1", "/opt/appliance/venv/bin/appliance check-config /etc/appliance/appliance.toml")
+    assert "memory budgets: CPU 1500 MiB" in plan and "ondemand: CPU" in plan and "resident from the start: gemma, " \
+        "embed" in plan, plan
 
 
 def test_drain_by_hand_survives_a_reload_and_no_host_gives_a_json_503(fleet: Fleet) -> None:
@@ -430,10 +457,10 @@ def test_central_prometheus_has_every_host_and_the_dashboard_works_on_it(fleet: 
     assert not required & set(empty), empty
     # The rules loaded, with the shorter for: of this test.
     rules = [r for g in fleet.central("/api/v1/rules")["groups"] for r in g["rules"]]
-    assert len(rules) == 6 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules
     assert next(r for r in rules if r["name"] == "ApplianceModelDown")["duration"] == 10
     check = fleet.lab.run("lb", "promtool check rules /etc/prometheus/appliance-alerts.yml", check=False)
-    assert check.returncode == 0 and "SUCCESS: 6 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
 
 
 def test_an_alert_fires_when_a_hosts_model_is_down(fleet: Fleet) -> None:
