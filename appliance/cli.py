@@ -129,6 +129,17 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(cfg)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from appliance.status.command import run_status
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        _print_problems(args.config, e)
+        return 1
+    return run_status(cfg, args.watch, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Managed LLM runtime appliance.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('appliance')}")
@@ -171,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run everything in the foreground under supervisord; Ctrl-C stops, SIGHUP reloads")
     p.add_argument("--config", type=Path, default=DEFAULT_PATH, help="[%(default)s]")
     p.set_defaults(func=_up)
+
+    p = sub.add_parser("status", help="one screen of this host: every model, the helper programs, the health",
+                       description="Per model: state (as /health names it), since, restarts, PID, busy/total slots, "
+                       "requests waiting, tokens/s, memory per device and the last error; then the proxy, exporter, "
+                       "event listener and model manager as supervisord reports them. Reads supervisord's socket and "
+                       "the loopback endpoints only: run it on the host, as the service user or a member of its "
+                       "group. Exit status: 0 healthy, 1 not healthy or not running (the reasons are printed), "
+                       "2 usage.")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help="[%(default)s]")
+    p.add_argument("--watch", action="store_true", help="redraw every 2 s until Ctrl-C (tokens/s then covers the "
+                   "last minute; a single run measures it over 1 s)")
+    p.add_argument("--json", action="store_true", help="one JSON document (with --watch: one per line)")
+    p.set_defaults(func=_status)
     return parser
 
 

@@ -161,7 +161,7 @@ def test_supervisor_conf(cfg: ApplianceConfig) -> None:
     assert proxy["killasgroup"] == "true" and proxy["stopasgroup"] == "true"
     graceful = cfg.server.graceful_timeout_s + 5  # gunicorn_conf's graceful_timeout
     assert int(proxy["stopwaitsecs"]) > graceful
-    assert parser["unix_http_server"]["chmod"] == "0700"
+    assert parser["unix_http_server"]["chmod"] == "0770"
     assert parser["supervisorctl"]["serverurl"] == "unix://" + parser["unix_http_server"]["file"]
     assert "rpcinterface:supervisor" in parser.sections()
     assert parser["eventlistener:events"]["events"] == "PROCESS_STATE"
