@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import re
 import time
 from collections.abc import MutableMapping
 from typing import Any
@@ -16,9 +15,9 @@ import falcon.asgi
 from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import PROBES, Exchange, finish
+from appliance.proxy.protocol import REQUEST_ID
 from appliance.proxy.runtime import Runtime
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Browsers may read these on a cross-origin response (the rest of the headers stay hidden from page scripts).
 _EXPOSED = "X-Request-Id, Retry-After"
 _CORS_MAX_AGE = "600"
@@ -49,7 +48,7 @@ class Middleware:
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         rt = self.rt
         incoming = req.get_header("x-request-id")
-        req.context.request_id = incoming if incoming and _REQUEST_ID.match(incoming) else os.urandom(16).hex()
+        req.context.request_id = incoming if incoming and REQUEST_ID.match(incoming) else os.urandom(16).hex()
         ex = req.context.exchange = Exchange(req.context.request_id, time.perf_counter())
         req.context.cors_origin = None
         if rt.cors_origins and (origin := req.get_header("origin")):

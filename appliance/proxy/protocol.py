@@ -37,6 +37,7 @@ checks the idle time when it fires, rather than a timer armed after every respon
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from typing import Any, ClassVar
 
@@ -57,6 +58,8 @@ RECEIVE_KEY = "appliance.receive"
 # How long a refused connection keeps reading (and dropping) what its client still sends after the answer.
 _LINGER_S = 2.0
 _VERSIONS = ("1.1", "1.0")
+#: A client's X-Request-Id that is echoed (and used in logs and events); anything else is replaced by a new id.
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # llhttp's reasons for a version it does not parse (HTTP/1.2, 3.0, ...) and for HTTP/2's connection preface.
 _VERSION_ERRORS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade"})
 
@@ -143,6 +146,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._gone: asyncio.Future[None] | None = None
         #: When the last response ended, while no request is in progress: the keep-alive clock.
         self._idle_since: float | None = None
+        #: The current request's Content-Length is over the limit: 413 once its head is complete.
+        self._too_large = False
+        #: The current request's valid X-Request-Id, echoed by an answer of the HTTP layer itself.
+        self._request_id: bytes | None = None
+        #: An answer for what followed complete requests in the same read, sent once their responses are.
+        self._deferred: tuple[int, str, str] | None = None
 
     # Connection events
 
@@ -247,6 +256,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_begun = True
+        self._too_large = False
+        self._request_id = None
 
     # on_url and on_header run for every request (on_header for every header): they inline uvicorn's own instead of
     # calling it, and add a bound each.
@@ -261,9 +272,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         name = name.lower()
         if name == b"content-length":
             # llhttp has checked the value (digits only, no conflicting duplicate) before handing the header over.
-            if int(value) > self.limits.body_limit_bytes:
-                raise _Refused(413, "request_too_large", f"request body is larger than the limit of "
-                               f"{self.limits.body_limit_bytes} bytes (server.body_limit_bytes)")
+            # Refused once the head is complete (still before any 100 Continue), so that the answer can echo an
+            # X-Request-Id sent after it.
+            self._too_large = int(value) > self.limits.body_limit_bytes
+        elif name == b"x-request-id" and REQUEST_ID.match(value.decode("latin-1")):
+            self._request_id = value
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))
@@ -272,6 +285,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_head = self._head_begun = False
         if self._timer is not None:
             self._cancel_timer()
+        if self._too_large:
+            raise _Refused(413, "request_too_large", f"request body is larger than the limit of "
+                           f"{self.limits.body_limit_bytes} bytes (server.body_limit_bytes)")
         # Counted here rather than per header: max_header_bytes already bounds the work.
         if len(self.headers) > self.limits.max_headers:
             raise _Refused(431, "request_header_fields_too_large", f"the request has more than "
@@ -319,6 +335,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
+            return
+        if self._deferred is not None:
+            self._refused = False
+            self._refuse(*self._deferred)
             return
         self._idle_since = self.loop.time()
         if self.timeout_keep_alive_task is None:
@@ -374,9 +394,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._out.flush()
         self._refused = True
         self._cancel_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete and self._deferred is None:
+            # Complete requests came before it in the same read: they are answered first, then this.
+            self._deferred = (status, code, message)
+            return
         self.logger.info("%s%d %s", self._peer(), status, message)
         metrics.HTTP_REFUSED.labels(str(status)).inc()
-        cycle = self.cycle
         if self.pipeline or (cycle is not None and cycle.response_started and not cycle.response_complete):
             # A response is being sent (pipelining): nothing can be written in between.
             self.transport.close()
@@ -398,7 +422,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         for name, value in self.server_state.default_headers:
             parts += [name, b": ", value, b"\r\n"]
         parts += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-                  b"\r\nx-request-id: ", uuid.uuid4().hex.encode(), b"\r\nconnection: close\r\n"]
+                  b"\r\nx-request-id: ", self._request_id or uuid.uuid4().hex.encode(), b"\r\nconnection: close\r\n"]
         if status == 503:
             parts.append(b"retry-after: 1\r\n")
         parts += [b"\r\n", body]

@@ -46,7 +46,8 @@ def reset(directory: Path) -> None:
 
 
 def _map(path: Path, size: int) -> mmap.mmap:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    # Group-readable: operators in the service's group read the counters with `appliance status`.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
     try:
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)
@@ -90,7 +91,7 @@ class HostLoad:
     def start(self) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
         # Keep this descriptor open for the worker's life: closing any descriptor of the file drops the lock.
-        self._slots_fd = os.open(self._directory / "slots", os.O_RDWR | os.O_CREAT, 0o600)
+        self._slots_fd = os.open(self._directory / "slots", os.O_RDWR | os.O_CREAT, 0o640)
         os.ftruncate(self._slots_fd, (SLOTS + 1) * _COUNTER.size)
         for slot in range(SLOTS):
             try:

@@ -446,6 +446,40 @@ def test_content_length_over_the_limit_gets_413_before_the_body(limited: Proxy, 
     assert_closed(r)
 
 
+def test_the_http_layers_413_echoes_the_clients_request_id(limited: Proxy) -> None:
+    # The id comes after Content-Length, and the answer still comes before any body byte is sent.
+    headers = {**AUTH, "Content-Length": str(BODY_LIMIT + 1), "X-Request-Id": "client-id.413"}
+    with connect(limited.port) as s:
+        send(s, request("POST", "/v1/chat/completions", headers=headers))
+        data, closed = read_until_closed(s, 3)
+    r = rawhttp.parse(data, closed)
+    assert r.status == 413 and r.headers["x-request-id"] == "client-id.413"
+    bad = {**headers, "X-Request-Id": "not a valid id"}
+    with connect(limited.port) as s:
+        send(s, request("POST", "/v1/chat/completions", headers=bad))
+        data, closed = read_until_closed(s, 3)
+    r = rawhttp.parse(data, closed)
+    assert r.status == 413 and r.headers["x-request-id"] != "not a valid id" and r.headers["x-request-id"]
+
+
+def test_a_complete_request_followed_by_garbage_is_answered_then_the_garbage_gets_400(
+        limited: Proxy, chat_stub: StubLlama) -> None:
+    body = json.dumps({"model": "chat-a", "messages": []}).encode()
+    first = request("POST", "/v1/chat/completions", body, {**AUTH, "X-Request-Id": "before-garbage"})
+    with connect(limited.port) as s:
+        send(s, first + request("GET", "/livez") + b"\x16\x03\x01 this is not HTTP\r\n\r\n")
+        data, closed = read_until_closed(s, 5)
+    answers = []
+    while data:
+        r = rawhttp.parse(data, closed)
+        answers.append(r)
+        data = r.rest
+    assert [r.status for r in answers] == [200, 200, 400], [(r.status, r.body[:100]) for r in answers]
+    assert answers[0].headers["x-request-id"] == "before-garbage"
+    assert answers[2].error()["code"] == "bad_request" and answers[2].closed
+    assert chat_stub.received[-1].body == body
+
+
 def test_pipelined_and_large_single_chunk_requests_still_work(limited: Proxy, chat_stub: StubLlama) -> None:
     body = json.dumps({"model": "chat-a", "pad": "y" * (BODY_LIMIT - 40)}).encode()
     big_head = head_of_size(MAX_HEAD - 200, "POST", "/v1/chat/completions")[:-2]
