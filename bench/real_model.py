@@ -25,7 +25,7 @@ more than the proxy's whole cost even over 30 rounds. The raw TTFT difference is
 takes from the model shows in tokens/s. llama-server caches the prompt, so after the warm-up runs the TTFT is the
 evaluation of the prompt's last tokens and the first sampled one rather than of the whole prompt, for every path.
 
---embeddings adds a second llama-server serving the model for embeddings (as the README's example config does) and
+--embeddings adds a second llama-server serving the model for embeddings (as examples/local.toml does) and
 compares POST /v1/embeddings under wrk (one sentence, --streams connections, --embed-seconds per run, alternating
 direct and proxy --rounds times): requests/s and the p50 latency the proxy adds, where the proxy's per-request cost
 weighs most against the model's.
@@ -183,7 +183,7 @@ def report(results: dict[tuple[str, int], list[list[Stream]]], levels: list[int]
 
 def embeddings(kids: Children, tmp: Path, urls: dict[str, str], levels: list[int], rounds: int, seconds: int
                ) -> None:
-    """wrk POSTing one sentence to /v1/embeddings, direct and through the proxy, alternating: the README's figure
+    """wrk POSTing one sentence to /v1/embeddings, direct and through the proxy, alternating: the figure in docs/design.md
     for high-rate embedding traffic, where the proxy's per-request cost weighs most against the model's."""
     script = wrk_script(tmp, EMBED_REQUEST, AUTH_HEADERS, "embed.lua")
     points: dict[tuple[str, int], list[WrkResult]] = {}

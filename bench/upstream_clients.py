@@ -2,7 +2,7 @@
 
 Usage: python -m bench.upstream_clients [--requests 3000] [--concurrency 1 16] [--rounds 1]
 
-The question behind the appliance's upstream client (README, "Design notes"): what does one upstream request cost
+The question behind the appliance's upstream client (docs/design.md): what does one upstream request cost
 the proxy's worker? Here each client sends --requests POSTs (a small chat completion request, JSON body and
 Authorization header) to the nginx stub of bench.proxy_overhead, from this one process on uvloop, with --concurrency
 tasks sharing one pooled client: ``appliance.proxy.upstream.Upstream`` as the proxy uses it, and the libraries
