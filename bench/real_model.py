@@ -183,8 +183,9 @@ def report(results: dict[tuple[str, int], list[list[Stream]]], levels: list[int]
 
 def embeddings(kids: Children, tmp: Path, urls: dict[str, str], levels: list[int], rounds: int, seconds: int
                ) -> None:
-    """wrk POSTing one sentence to /v1/embeddings, direct and through the proxy, alternating: the figure in docs/design.md
-    for high-rate embedding traffic, where the proxy's per-request cost weighs most against the model's."""
+    """wrk POSTing one sentence to /v1/embeddings, direct and through the proxy, alternating: the figure in
+    docs/design.md for high-rate embedding traffic, where the proxy's per-request cost weighs most against the
+    model's."""
     script = wrk_script(tmp, EMBED_REQUEST, AUTH_HEADERS, "embed.lua")
     points: dict[tuple[str, int], list[WrkResult]] = {}
     for c in levels:
