@@ -108,6 +108,22 @@ def test_service_and_every_program_running(deployment: Deployment) -> None:
         ["TimeoutStartUSec=2min", "TimeoutStopUSec=2min"]
 
 
+def test_an_operator_sees_the_host_at_a_glance_without_root(deployment: Deployment) -> None:
+    deployment.sh("id ops >/dev/null 2>&1 || useradd --no-create-home --shell /bin/sh ops")
+    deployment.play(overrides={"appliance_operators": ["ops"]}).ok()
+    assert "appliance" in deployment.sh("id -nG ops").split()
+    doc = json.loads(deployment.sh("runuser -u ops -- /usr/local/bin/appliance-status --json"))
+    assert doc["healthy"] and doc["health"] == "ok", doc
+    assert {m["name"]: m["state"] for m in doc["models"]} == {"gemma": "ready"}
+    assert {p["name"] for p in doc["programs"]} >= {"proxy", "exporter", "events"}
+    plain = deployment.sh("runuser -u ops -- /usr/local/bin/appliance-status")
+    assert "gemma" in plain and "healthy" in plain
+    # Without the group, the supervisord socket stays closed to other users.
+    deployment.sh("id nobody")
+    other = deployment.sh("runuser -u nobody -- /usr/local/bin/appliance-status; echo rc=$?", check=False)
+    assert "rc=1" in other, other
+
+
 def test_listening_sockets_public_port_on_lan_address_only(deployment: Deployment) -> None:
     sockets = set(host(deployment).socket.get_listening_sockets())
     tcp = {s for s in sockets if s.startswith("tcp")}

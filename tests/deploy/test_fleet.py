@@ -322,8 +322,9 @@ def test_a_host_that_does_not_come_back_stops_the_rollout(fleet: Fleet) -> None:
     files = [{"file": MODEL_FILE, "src": str(REPO / f".appliance/models/{MODEL_FILE}"),
               "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"},
              {"file": "broken.gguf", "src": str(broken), "sha256": hashlib.sha256(broken.read_bytes()).hexdigest()}]
-    models = [*good_models, {"name": "broken", "file": "broken.gguf", "kind": "chat", "port": 11438,
-                             "ctx_size": 256, "threads": 1, "parallel": 1}]
+    # memory_mib: the memory plan need not read the file, so the config is valid and the load itself fails.
+    models = [*good_models, {"name": "broken", "file": "broken.gguf", "kind": "chat", "port": 11439,
+                             "ctx_size": 256, "threads": 1, "parallel": 1, "memory_mib": 300}]
     node2_config = fleet.sh("node2", "sha256sum /etc/appliance/appliance.toml")
     running = load()
     try:
