@@ -385,16 +385,11 @@ class Manager:
         if not short:
             return "other models were ahead of it"
         holders = []
-        for m in self.cfg.models:
-            other = self.runs.get(m.name)
-            if other is not None and other.state not in (LOADING, READY, CLOSING):
-                continue
-            need = other.need if other is not None else {}
-            if other is None:
-                continue
-            if any(d in need for d in short):
+        for name, other in self.runs.items():
+            need = other.need
+            if other.state in (LOADING, READY, CLOSING) and any(d in need for d in short):
                 busy = f"{other.in_flight} in flight" if other.in_flight else "idle"
-                holders.append(f"{m.name} ({', '.join(f'{d} {need[d]} MiB' for d in short if d in need)}, {busy})")
+                holders.append(f"{name} ({', '.join(f'{d} {need[d]} MiB' for d in short if d in need)}, {busy})")
         fixed = ", ".join(f"{d} {self.fixed[d]} MiB" for d in short if self.fixed.get(d))
         if fixed:
             holders.append(f"the always-loaded models ({fixed})")
