@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the appliance needs on this machine, idempotently:
-#   system packages (cmake, a C++ compiler), .venv with the package, the pinned llama-server (built once per machine,
-#   cached under ~/.cache/appliance), and the default model (Gemma 3 270M) under .appliance/models.
+#   system packages (cmake, a C++ compiler), .venv with the package and its locked dependencies (requirements*.lock),
+#   the pinned llama-server (built once per machine, cached under ~/.cache/appliance), and the default model (Gemma 3
+#   270M) under .appliance/models.
 # Usage: scripts/setup.sh [--dev]     (--dev adds the test and lint tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,9 +40,14 @@ if [[ ! -x .venv/bin/python ]]; then
     say "creating .venv"
     python3 -m venv .venv
 fi
-say "installing the appliance package with extras [$extra]"
+# The locked dependencies (scripts/lock.sh), hashes checked, then the package itself without resolving anything: every
+# machine gets exactly the versions CI tested.
+lock=requirements-model.lock
+[[ "$extra" == dev* ]] && lock=requirements-dev.lock
+say "installing the locked dependencies ($lock) and the appliance package"
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[$extra]"
+.venv/bin/python -m pip install --quiet --require-hashes -r "$lock"
+.venv/bin/python -m pip install --quiet --no-deps -e .
 
 say "llama-server (first build on a machine takes 10-30 minutes; later runs use the cache)"
 .venv/bin/appliance install-llama-server --prefix .appliance/bin
