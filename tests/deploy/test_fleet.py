@@ -303,6 +303,10 @@ def test_rolling_upgrade_under_load_fails_no_request(fleet: Fleet) -> None:
         outcomes = running.stop()
     print(f"\nrolling upgrade {before} -> {new_version}: {took:.0f} s (ansible-playbook); load: {summary(outcomes)}")
     result.ok()
+    # The new release's wheels are built before the first drain, not while a host is out of the load balancer.
+    built = result.output.index("TASK [appliance : Build the wheelhouse on the controller]")
+    assert built < result.output.index("TASK [Drain the host in every load balancer"), result.output[:6000]
+    assert "changed: [node1 -> localhost]" in result.output[built:built + 400], result.output[built:built + 400]
     assert not failures(outcomes), failures(outcomes)
     assert not [o for o in outcomes if o.truncated]
     for n in NODES:
