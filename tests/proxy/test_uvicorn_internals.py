@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.metadata
 import inspect
 import tomllib
 from collections.abc import Callable, Iterator
@@ -55,7 +56,7 @@ REQUEST_ATTRIBUTES = {"url": bytes, "headers": list, "scope": dict}
 # The response cycle's attributes protocol.py reads or sets (receive is put in the scope; transport is replaced).
 CYCLE_ATTRIBUTES = [
     "receive", "transport", "response_started", "response_complete", "disconnected", "message_event",
-    "waiting_for_100_continue",
+    "waiting_for_100_continue", "more_body",
 ]
 # Statuses protocol.py answers itself with STATUS_LINE.
 STATUSES = [400, 405, 408, 413, 414, 431, 503, 505]
@@ -163,10 +164,33 @@ def test_httptools_parser_interface() -> None:
             f"httptools {httptools.__version__} lost {name}, which feed_data raises: {SEE}")
 
 
-def test_uvicorn_is_capped_at_a_minor() -> None:
+@pytest.mark.parametrize(("name", "version"), [("uvicorn", uvicorn.__version__),
+                                               ("uvicorn-worker", importlib.metadata.version("uvicorn-worker"))])
+def test_uvicorn_and_uvicorn_worker_are_capped(name: str, version: str) -> None:
     with (ROOT / "pyproject.toml").open("rb") as f:
         deps = tomllib.load(f)["project"]["dependencies"]
-    (req,) = [Requirement(dep) for dep in deps if Requirement(dep).name == "uvicorn"]
+    (req,) = [Requirement(dep) for dep in deps if Requirement(dep).name == name]
     assert any(spec.operator == "<" for spec in req.specifier), (
         f"pyproject.toml's {req} has no upper bound: {SEE} (cap it at the next minor)")
-    assert uvicorn.__version__ in req.specifier, f"uvicorn {uvicorn.__version__} is installed, outside {req}"
+    assert version in req.specifier, f"{name} {version} is installed, outside {req}"
+
+
+# appliance/proxy/worker.py: DrainingServer extends uvicorn's Server, ApplianceWorker extends uvicorn-worker's worker.
+WORKER_SEE = "appliance/proxy/worker.py relies on it; see docs/operations.md (Upgrade a dependency)"
+
+
+def test_the_server_and_worker_internals_worker_py_uses() -> None:
+    from uvicorn.server import Server
+    from uvicorn_worker import UvicornWorker
+
+    for name, params in (("serve", ["self", "sockets"]), ("handle_exit", ["self", "sig", "frame"]),
+                         ("on_tick", ["self", "counter"])):
+        got = list(inspect.signature(getattr(Server, name)).parameters)
+        assert got == params, f"uvicorn {uvicorn.__version__} changed Server.{name}{got}: {WORKER_SEE}"
+    server = Server(Config(app=None))
+    for name in ("server_state", "should_exit", "started"):
+        assert hasattr(server, name), f"uvicorn {uvicorn.__version__} lost Server.{name}: {WORKER_SEE}"
+    assert "self.servers" in inspect.getsource(Server), f"uvicorn's Server no longer keeps .servers: {WORKER_SEE}"
+    assert isinstance(UvicornWorker.CONFIG_KWARGS, dict), f"uvicorn-worker lost CONFIG_KWARGS: {WORKER_SEE}"
+    for name in ("_serve", "_install_sigquit_handler"):
+        assert callable(getattr(UvicornWorker, name, None)), f"uvicorn-worker lost UvicornWorker.{name}: {WORKER_SEE}"
