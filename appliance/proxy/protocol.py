@@ -270,6 +270,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        # llhttp keeps trailing whitespace, which is not part of the value (RFC 9110, 5.5), as uvicorn's own strips.
+        value = value.rstrip(b" \t")
         if name == b"content-length":
             # llhttp has checked the value (digits only, no conflicting duplicate) before handing the header over.
             # Refused once the head is complete (still before any 100 Continue), so that the answer can echo an

@@ -446,6 +446,16 @@ def test_content_length_over_the_limit_gets_413_before_the_body(limited: Proxy, 
     assert_closed(r)
 
 
+def test_trailing_whitespace_is_not_part_of_a_header_value(limited: Proxy) -> None:
+    raw = (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + AUTH["Authorization"].split()[1]
+           .encode() + b" \t\r\nX-Request-Id: trimmed-id  \r\n\r\n")
+    with connect(limited.port) as s:
+        send(s, raw)
+        r = read_response(s)
+    assert r.status == 200, r.body[:200]
+    assert r.headers["x-request-id"] == "trimmed-id"
+
+
 def test_the_http_layers_413_echoes_the_clients_request_id(limited: Proxy) -> None:
     # The id comes after Content-Length, and the answer still comes before any body byte is sent.
     headers = {**AUTH, "Content-Length": str(BODY_LIMIT + 1), "X-Request-Id": "client-id.413"}
