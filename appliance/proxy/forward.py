@@ -177,8 +177,8 @@ class Forward:
                 rt.leave(model)
 
     async def _wait_loaded(self, model: ModelConfig, ex: Exchange, disconnect: asyncio.Future[None]) -> None:
-        """Wait for the model manager to load ``model``; the request stays counted in flight meanwhile, so the model
-        cannot be unloaded between its load and this request."""
+        """Wait for the model manager to load ``model``. The caller has uncounted the request meanwhile and counts it
+        again before it reads the model's state anew: only then may it be forwarded."""
         # The manager answers at load_timeout_s, naming what holds the memory; the margin lets its answer arrive.
         timeout = self.rt.cfg.server.load_timeout_s + 2.0
         t0 = time.perf_counter()

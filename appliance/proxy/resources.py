@@ -9,6 +9,7 @@ import falcon
 import falcon.asgi
 
 from appliance.proxy.errors import ApiError
+from appliance.proxy.readiness import ModelState
 from appliance.proxy.runtime import Runtime
 
 
@@ -32,6 +33,13 @@ class Models:
     on_head = on_get
 
 
+def _model_doc(s: ModelState) -> dict[str, object]:
+    doc: dict[str, object] = {"state": s.state, "since": round(s.since, 3), "restarts": s.restarts}
+    if s.error:
+        doc["error"] = s.error
+    return doc
+
+
 class Health:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -48,9 +56,7 @@ class Health:
             "warm_up_state": warm,
             "backend": "llama-server",
             "model": default.name,
-            "models": {n: {"state": s.state, "since": round(s.since, 3), "restarts": s.restarts,
-                           **({"error": s.error} if s.error else {})}
-                       for n, s in ((n, rt.readiness.current(n)) for n in rt.readiness.models)},
+            "models": {n: _model_doc(rt.readiness.current(n)) for n in rt.readiness.models},
             "version": self.version,
         }
         resp.status = 200 if status == "ok" else 503
