@@ -18,7 +18,7 @@ from appliance.config import ApplianceConfig, load
 from appliance.proxy.errors import ApiError, handle_api_error, handle_http_error, handle_unexpected
 from appliance.proxy.forward import Forward, Props, Receive
 from appliance.proxy.middleware import Middleware
-from appliance.proxy.resources import Health, Livez, Models, Unexposed
+from appliance.proxy.resources import Health, Livez, ModelHealth, Models, Unexposed
 from appliance.proxy.routes import PROPS, ROUTES, UNEXPOSED
 from appliance.proxy.runtime import Runtime
 
@@ -48,6 +48,7 @@ class ProxyApp:
         app.add_route("/v1/models", models)
         app.add_route("/models", models)
         app.add_route("/health", Health(rt))
+        app.add_route("/health/models/{name:path}", ModelHealth(rt))
         app.add_route("/livez", Livez())
         app.add_error_handler(Exception, handle_unexpected)
         app.add_error_handler(falcon.HTTPError, handle_http_error)

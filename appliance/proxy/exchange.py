@@ -13,7 +13,9 @@ from appliance.events.sink import EventSink
 from appliance.metrics import proxy as metrics
 
 #: Probes need no key and emit no event (a load balancer polls them several times a second).
-PROBES = frozenset({"/health", "/livez"})
+PROBES = frozenset({"/health", "/livez", "/health/models/{name:path}"})
+#: The per-model health checks' paths start with this (no key needed, as for the other probes).
+MODEL_HEALTH = "/health/models/"
 USAGE_BODY_LIMIT = 1 << 20
 STREAM_TAIL = 8192
 # OpenAI (chat, completions), Responses and Anthropic name their token counts differently.

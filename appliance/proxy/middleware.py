@@ -14,7 +14,7 @@ import falcon.asgi
 
 from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import ApiError
-from appliance.proxy.exchange import PROBES, Exchange, finish
+from appliance.proxy.exchange import MODEL_HEALTH, PROBES, Exchange, finish
 from appliance.proxy.protocol import REQUEST_ID
 from appliance.proxy.runtime import Runtime
 
@@ -65,7 +65,7 @@ class Middleware:
                 resp.status = 200
                 resp.complete = True
                 return
-        if rt.keys and req.path not in PROBES:
+        if rt.keys and req.path not in PROBES and not req.path.startswith(MODEL_HEALTH):
             name = self._client(req)
             if name is None:
                 ex.client = "unauthenticated"

@@ -38,6 +38,8 @@ class ModelState:
     ever_ready: bool = False
     #: Why an on-demand model's last load failed (from the model manager), without paths.
     error: str = ""
+    #: When a failed on-demand load may be tried again (time.time()); until then its requests get 502 at once.
+    retry_at: float = 0.0
 
     def set(self, state: str) -> None:
         self.ever_ready |= state == READY
@@ -51,11 +53,15 @@ def _supervisor_view(cfg: ApplianceConfig, socket_path: Path) -> tuple[dict[str,
     return {i["name"]: i for i in all_process_info(socket_path)}, read_restarts(cfg)
 
 
-def _manager_errors(cfg: ApplianceConfig) -> dict[str, str]:
-    """The last load error of each on-demand model, from the model manager's status file."""
+def _manager_errors(cfg: ApplianceConfig) -> dict[str, tuple[str, float]]:
+    """The last load error of each on-demand model and when it may be tried again, from the model manager's status
+    file (written when something changes: its retry delay counts from the file's modification time)."""
+    path = modelstate.status_file(cfg)
     try:
-        doc = json.loads(modelstate.status_file(cfg).read_text())
-        return {name: str(m.get("last_error", "")) for name, m in doc["models"].items()}
+        written = path.stat().st_mtime
+        doc = json.loads(path.read_text())
+        return {name: (str(m.get("last_error", "")), written + float(m.get("retry_in_s", 0)))
+                for name, m in doc["models"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
@@ -86,6 +92,17 @@ class Readiness:
                 st.set(READY)
         return st
 
+    def can_serve(self, model: ModelConfig) -> bool:
+        """Whether a request for ``model`` sent now would be served: it is ready, or it is on demand and a request
+        would load it (unloaded, loading, unloading, or failed with its backoff over). What a load balancer checks
+        per model (``GET /health/models/{name}``)."""
+        st = self.current(model.name)
+        if st.state == READY:
+            return True
+        if not model.on_demand:
+            return False
+        return st.state != FAILED or time.time() >= st.retry_at
+
     def is_ready(self, model: ModelConfig) -> bool:
         return self.models[model.name].state == READY
 
@@ -111,7 +128,7 @@ class Readiness:
             program = program_name(m)
             st.restarts = restarts.get(program, st.restarts)
             statename = sup.get(program, {}).get("statename")
-            st.error = errors.get(m.name, "")
+            st.error, st.retry_at = errors.get(m.name, ("", 0.0))
             if m.on_demand and self._states.get(m.name) != modelstate.READY:
                 self.current(m.name)  # the model manager's word: unloaded, loading, unloading or failed to load
             elif status == 200:

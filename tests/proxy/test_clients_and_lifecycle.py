@@ -51,6 +51,9 @@ def test_any_configured_key_is_accepted_and_not_forwarded(keyed_proxy: Proxy, ch
 def test_health_and_livez_need_no_key(keyed_proxy: Proxy) -> None:
     assert httpx.get(keyed_proxy.url + "/health").status_code == 200
     assert httpx.get(keyed_proxy.url + "/livez").status_code == 200
+    assert httpx.get(keyed_proxy.url + "/health/models/chat-a").status_code == 200
+    # Only the probes are open: a path that merely starts like one is not.
+    assert httpx.get(keyed_proxy.url + "/healthz").status_code == 401
 
 
 def test_openai_sdk_sync(keyed_proxy: Proxy, chat_stub: StubLlama) -> None:

@@ -196,6 +196,11 @@ def test_model_not_ready_gives_503_with_retry_after(proxy: Proxy, chat_stub: Stu
         assert doc["status"] == "starting" and doc["warm_up_state"] == "loading"
         assert doc["models"]["chat-a"]["state"] == "restarting"  # it was ready before
         assert doc["models"]["embed-a"]["state"] == "ready"
+        # Per model, for a load balancer: only chat-a's requests go elsewhere; the host keeps embed-a's.
+        chat = httpx.get(proxy.url + "/health/models/gpt-4o-mini")  # an alias names the same model
+        assert chat.status_code == 503
+        assert chat.json() == {**chat.json(), "model": "chat-a", "serving": False, "state": "restarting"}
+        assert httpx.get(proxy.url + "/health/models/embed-a").status_code == 200
     finally:
         chat_stub.health_status = 200
     # Every worker must have seen the model come back (each polls on its own, and a busy machine delays that): ten
@@ -206,6 +211,33 @@ def test_model_not_ready_gives_503_with_retry_after(proxy: Proxy, chat_stub: Stu
         in_a_row = in_a_row + 1 if httpx.get(proxy.url + "/health").status_code == 200 else 0
         time.sleep(0.1)
     assert in_a_row == 10
+
+
+def test_model_health_per_model(proxy: Proxy) -> None:
+    r = httpx.get(proxy.url + "/health/models/chat-a")
+    assert r.status_code == 200
+    assert r.json() == {**r.json(), "model": "chat-a", "load": "always", "serving": True, "draining": False,
+                        "state": "ready"}
+    head = httpx.head(proxy.url + "/health/models/chat-a")
+    assert head.status_code == 200 and head.content == b""
+    unknown = httpx.get(proxy.url + "/health/models/no-such-model")
+    assert unknown.status_code == 404 and error_of(unknown)["code"] == "model_not_found"
+
+
+def test_model_list_adds_the_fleet_models_the_load_balancer_names(proxy: Proxy) -> None:
+    fleet = [{"id": "chat-a", "kind": "chat", "aliases": []},  # served here: listed once, with its state
+             {"id": "chat-b", "kind": "chat", "aliases": ["gpt-*"]},
+             {"id": "embed-z", "kind": "embed"}]
+    doc = httpx.get(proxy.url + "/v1/models", headers={"X-Appliance-Fleet-Models": json.dumps(fleet)}).json()
+    by_id = {m["id"]: m for m in doc["data"]}
+    assert [m["id"] for m in doc["data"]] == ["chat-a", "embed-a", "chat-b", "embed-z"]
+    assert by_id["chat-a"]["state"] == "ready"
+    assert by_id["chat-b"] == {**by_id["chat-b"], "kind": "chat", "aliases": ["gpt-*"], "object": "model"}
+    assert "state" not in by_id["chat-b"] and "load" not in by_id["embed-z"]
+    # Anything malformed is ignored, never an error.
+    for bad in ("not json", "{}", '[{"id": 3}, {"id": "x", "aliases": [1]}, "y"]'):
+        r = httpx.get(proxy.url + "/v1/models", headers={"X-Appliance-Fleet-Models": bad})
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["chat-a", "embed-a"]
 
 
 def test_health_shape_and_livez(proxy: Proxy) -> None:
