@@ -25,6 +25,8 @@ need=()
 # bench/: wrk is the load generator; nginx (run as a child, in /usr/sbin) the fast stub and the reference proxy.
 [[ "$extra" == dev* ]] && ! command -v wrk >/dev/null && need+=(wrk)
 [[ "$extra" == dev* ]] && [[ ! -x /usr/sbin/nginx ]] && need+=(nginx)
+# The load balancer's routing tests and the affinity benchmark run the role's HAProxy config on loopback.
+[[ "$extra" == dev* ]] && [[ ! -x /usr/sbin/haproxy ]] && need+=(haproxy)
 command -v cmake >/dev/null || need+=(cmake)
 command -v c++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)

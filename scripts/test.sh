@@ -9,7 +9,7 @@ echo "[test] ruff"
 echo "[test] mypy"
 .venv/bin/mypy
 echo "[test] ansible-lint (production profile) and playbook syntax"
-(cd ansible && export PATH="$PWD/../.venv/bin:$PATH" && ansible-lint -q && ansible-playbook --syntax-check -i inventories/example site.yml fleet.yml rolling_upgrade.yml)
+(cd ansible && export PATH="$PWD/../.venv/bin:$PATH" && ansible-lint -q && ansible-playbook --syntax-check -i inventories/example site.yml fleet.yml rolling_upgrade.yml lb-config.yml)
 echo "[test] pytest"
 # pytest exits 5 when it collected no test: that is a failure here too, and set -e makes it one.
 .venv/bin/python -m pytest "$@"

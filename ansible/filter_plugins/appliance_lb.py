@@ -76,7 +76,15 @@ def appliance_lb_plan(hosts: list[dict[str, Any]], margin: int = 1) -> dict[str,
                 problems.append(f"{where}: kind {kind!r} here, {entry['kind']!r} on another host: one name must be "
                                 "one model across the fleet")
                 continue
-            slots = int(m.get("parallel", DEFAULT_PARALLEL)) + margin
+            parallel = int(m.get("parallel", DEFAULT_PARALLEL))
+            # Each of the model's three backends (by load, by key, by default) sends a host up to parallel + margin:
+            # its own bound (parallel + max_queue, 4 x parallel by default) must take all of them, or it answers 429.
+            max_queue = int(m["max_queue"]) if m.get("max_queue") is not None else 4 * parallel
+            if max_queue < 2 * parallel + 3 * margin:
+                problems.append(f"{where}: max_queue {max_queue} is below 2 x parallel + 3 x appliance_lb_slot_margin "
+                                f"({2 * parallel + 3 * margin}): the host could answer 429 to requests the load "
+                                "balancer sends it")
+            slots = parallel + margin
             entry["servers"].append(_server(host, slots))
             for alias in [name, *(str(a) for a in m.get("aliases") or [])]:
                 if not _routable(alias):

@@ -44,6 +44,8 @@ class Load:
     stream_tokens: int = 24
     chat_tokens: int = 12
     host_header: str = "x-appliance-host"
+    #: What each client sends, in turns (a subset of KINDS).
+    kinds: tuple[str, ...] = KINDS
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -86,7 +88,7 @@ class Load:
             for i in range(self.max_requests):
                 if self._stop.is_set() or time.monotonic() > deadline:
                     return
-                kind = KINDS[(index + i) % len(KINDS)]
+                kind = self.kinds[(index + i) % len(self.kinds)]
                 local["statuses"], local["host"] = [], ""
                 out = self._one(client, kind, index, i)
                 out.host = local["host"]

@@ -1,13 +1,16 @@
-"""The fleet: two appliance hosts behind HAProxy on a third host, which also runs the central Prometheus.
+"""The fleet: two appliance hosts with different models behind HAProxy on a third host, which also runs the central
+Prometheus. node1 serves chat-a and embed, node2 chat-a and chat-b (on demand); the load balancer routes by model.
 
 Real ansible-playbook runs against systemd containers (tests/deploy/lab.py): site.yml and fleet.yml deploy it, then
 rolling_upgrade.yml upgrades it under load through the load balancer; a llama-server is killed and a whole host
-stopped under load; the central Prometheus gets both hosts' series from loopback-only exporters and fires an alert.
+stopped under load; conversations keep their host; a burst waits in the load balancer's queue; the central Prometheus
+gets both hosts' and the load balancer's series from loopback-only exporters and fires alerts.
 The tests run in file order and build on each other. Counts and durations are printed (run with -s to see them).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -16,6 +19,7 @@ import subprocess
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,17 +47,23 @@ SERVED_BY = "X-Appliance-Host"
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
+def chat_a() -> dict[str, Any]:
+    return {"name": "chat-a", "file": MODEL_FILE, "kind": "chat", "port": 11436, "ctx_size": 1024, "threads": 1,
+            "parallel": 2}
+
+
 def fleet_vars() -> dict[str, Any]:
     v = base_vars("{{ ansible_host }}")  # each host serves on its own lab address
-    v["appliance_models"] = [
-        {"name": "gemma", "file": MODEL_FILE, "kind": "chat", "port": 11436, "ctx_size": 1024, "threads": 1,
-         "parallel": 2},
-        {"name": "embed", "file": MODEL_FILE, "kind": "embed", "port": 11437, "ctx_size": 512, "threads": 1,
-         "parallel": 2, "pooling": "mean"},
-        # Loaded by its first request; its memory is estimated from the GGUF on the host (check-config's plan).
-        {"name": "ondemand", "file": MODEL_FILE, "kind": "chat", "port": 11438, "ctx_size": 512, "threads": 1,
-         "parallel": 1, "load": "on_demand", "idle_unload_s": 600},
-    ]
+    # Each host its own models (extra vars are the same for every host: the list is chosen by host name).
+    v["fleet_models"] = {
+        "node1": [chat_a(), {"name": "embed", "file": MODEL_FILE, "kind": "embed", "port": 11437, "ctx_size": 512,
+                             "threads": 1, "parallel": 2, "pooling": "mean"}],
+        # chat-b is loaded by its first request; its memory is estimated from the GGUF on the host (check-config).
+        "node2": [chat_a(), {"name": "chat-b", "aliases": ["claude-*"], "file": MODEL_FILE, "kind": "chat",
+                             "port": 11438, "ctx_size": 512, "threads": 1, "parallel": 1, "load": "on_demand",
+                             "idle_unload_s": 600}],
+    }
+    v["appliance_models"] = "{{ fleet_models[inventory_hostname] }}"
     v["appliance_memory"] = {"CPU": 1500}
     hashed = crypt.crypt(METRICS_PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH))
     return {
@@ -156,9 +166,16 @@ def fleet(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     return Fleet(lab, tmp_path_factory.mktemp("fleet"))
 
 
-def load(clients: int = 3) -> Load:
-    return Load(base_url=LB_URL + "/v1", api_key=API_KEY, chat_model="gemma", embed_model="embed", clients=clients,
-                host_header=SERVED_BY.lower(), max_requests=3000, max_seconds=900).start()
+def load(clients: int = 3, kinds: tuple[str, ...] = ("stream", "chat", "embed")) -> Load:
+    """chat-a (both hosts) streams and completions, and embed (node1 only) embeddings."""
+    return Load(base_url=LB_URL + "/v1", api_key=API_KEY, chat_model="chat-a", embed_model="embed", clients=clients,
+                host_header=SERVED_BY.lower(), max_requests=3000, max_seconds=900, kinds=kinds).start()
+
+
+def chat(model: str, content: str = "Hi", **extra: Any) -> httpx.Response:
+    return httpx.post(LB_URL + "/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": content}],
+                            **extra})
 
 
 def failures(outcomes: list[Outcome]) -> list[str]:
@@ -205,42 +222,44 @@ def test_deploy_the_fleet_then_nothing_changes(fleet: Fleet) -> None:
     assert all(s["admin"] == "ready" for s in fleet.lb_status().values())
 
 
-def test_lb_serves_both_hosts_and_the_appliance_checks_the_keys(fleet: Fleet) -> None:
+def test_lb_routes_each_model_to_its_hosts_and_the_appliance_checks_the_keys(fleet: Fleet) -> None:
     fleet.wait_lb(lambda s: all(s[n]["up"] for n in NODES), 60, "both hosts up")
     # HAProxy passes Authorization through; the appliance on the host refuses a request without a key.
     r = httpx.post(LB_URL + "/v1/embeddings", json={"model": "embed", "input": "x"}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    served = set()
-    for _ in range(8):
+    served: Counter[str] = Counter()
+    for _ in range(6):
         r = httpx.post(LB_URL + "/v1/embeddings", json={"model": "embed", "input": "hello"}, headers=headers,
                        timeout=60)
         assert r.status_code == 200, r.text
-        served.add(r.headers[SERVED_BY])
-    assert served == set(NODES), served
+        served[r.headers[SERVED_BY]] += 1
+    assert served == {"node1": 6}, served
+    chat_a_hosts = Counter(chat("chat-a").headers[SERVED_BY] for _ in range(10))
+    assert set(chat_a_hosts) == set(NODES), chat_a_hosts
+    # An unknown model: 404 from the load balancer itself.
+    r = chat("gpt-unknown")
+    assert r.status_code == 404 and SERVED_BY not in r.headers, r.text
+    assert r.json()["error"]["code"] == "model_not_found"
+    models = httpx.get(LB_URL + "/v1/models", headers=headers, timeout=30).json()["data"]
+    assert sorted(m["id"] for m in models) == ["chat-a", "chat-b", "embed"], models
 
 
-def test_an_unloaded_on_demand_model_keeps_hosts_in_and_loads_through_the_load_balancer(fleet: Fleet) -> None:
+def test_an_unloaded_on_demand_model_keeps_its_host_in_and_loads_through_the_load_balancer(fleet: Fleet) -> None:
     fleet.wait_lb(lambda s: all(s[n]["up"] for n in NODES), 60, "both hosts up")
-    for node in NODES:
-        health = json.loads(fleet.sh(node, f"curl -s http://{HOSTS[node]}:8080/health"))
-        assert health["status"] == "ok" and health["models"]["ondemand"]["state"] in ("unloaded", "ready"), health
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    served = set()
-    for _ in range(6):
-        r = httpx.post(LB_URL + "/v1/chat/completions", headers=headers, timeout=120, json={
-            "model": "ondemand", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
-        assert r.status_code == 200, r.text
-        assert r.json()["model"] == "ondemand"
-        served.add(r.headers[SERVED_BY])
-    assert served, served
-    for node in served:
-        health = json.loads(fleet.sh(node, f"curl -s http://{HOSTS[node]}:8080/health"))
-        assert health["models"]["ondemand"]["state"] == "ready", health
+    health = fleet.health("node2")
+    assert health["status"] == "ok" and health["models"]["chat-b"]["state"] in ("unloaded", "ready"), health
+    assert fleet.lb_status()["node2"]["models"]["chat-b"] == "UP"  # unloaded, it can serve: its request loads it
+    # By name and by an alias pattern, only ever on node2.
+    for model in ("chat-b", "claude-3-5-haiku-latest", "chat-b"):
+        r = chat(model)
+        assert r.status_code == 200 and r.headers[SERVED_BY] == "node2", r.text
+        assert r.json()["model"] == "chat-b"
+    assert fleet.health("node2")["models"]["chat-b"]["state"] == "ready"
     assert all(s["up"] for s in fleet.lb_status().values())  # no host left the load balancer meanwhile
-    plan = fleet.sh("node1", "/opt/appliance/venv/bin/appliance check-config /etc/appliance/appliance.toml")
-    assert "memory budgets: CPU 1500 MiB" in plan and "ondemand: CPU" in plan and "resident from the start: gemma, " \
-        "embed" in plan, plan
+    plan = fleet.sh("node2", "/opt/appliance/venv/bin/appliance check-config /etc/appliance/appliance.toml")
+    assert "memory budgets: CPU 1500 MiB" in plan and "chat-b: CPU" in plan and "resident from the start: chat-a" \
+        in plan, plan
 
 
 def test_drain_by_hand_survives_a_reload_and_no_host_gives_a_json_503(fleet: Fleet) -> None:
@@ -292,9 +311,11 @@ def test_rolling_upgrade_under_load_fails_no_request(fleet: Fleet) -> None:
     new_version = source_version(src)
     # A new release and a model's setting at once: the package restarts the proxy, the setting that model.
     fleet.vars["appliance_source_dir"] = str(src)
-    fleet.vars["appliance_models"][0]["ctx_size"] = 768
+    for models in fleet.vars["fleet_models"].values():
+        models[0]["ctx_size"] = 768  # chat-a on both hosts
     t_lb = time.time()
-    running = load()
+    # chat-a only: embed and chat-b live on one host each, and have none while it is upgraded.
+    running = load(kinds=("stream", "chat"))
     try:
         running.wait_for(6)
         result, took = fleet.play("rolling_upgrade.yml")
@@ -322,19 +343,20 @@ def test_rolling_upgrade_under_load_fails_no_request(fleet: Fleet) -> None:
 def test_a_host_that_does_not_come_back_stops_the_rollout(fleet: Fleet) -> None:
     broken = fleet.tmp / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 4096)  # a header and nothing else: llama-server cannot load it
-    good_models, good_files = fleet.vars["appliance_models"], fleet.vars.get("appliance_models_files")
+    good_models, good_files = fleet.vars["fleet_models"], fleet.vars.get("appliance_models_files")
     files = [{"file": MODEL_FILE, "src": str(REPO / f".appliance/models/{MODEL_FILE}"),
               "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"},
              {"file": "broken.gguf", "src": str(broken), "sha256": hashlib.sha256(broken.read_bytes()).hexdigest()}]
     # memory_mib: the memory plan need not read the file, so the config is valid and the load itself fails.
-    models = [*good_models, {"name": "broken", "file": "broken.gguf", "kind": "chat", "port": 11439,
-                             "ctx_size": 256, "threads": 1, "parallel": 1, "memory_mib": 300}]
+    broken_model = {"name": "broken", "file": "broken.gguf", "kind": "chat", "port": 11439, "ctx_size": 256,
+                    "threads": 1, "parallel": 1, "memory_mib": 300}
+    models = {n: [*good_models[n], broken_model] for n in NODES}
     node2_config = fleet.sh("node2", "sha256sum /etc/appliance/appliance.toml")
-    running = load()
+    running = load(kinds=("stream", "chat"))
     try:
         running.wait_for(3)
         result, took = fleet.play("rolling_upgrade.yml", overrides={
-            "appliance_models": models, "appliance_models_files": files, "appliance_health_timeout_s": 30})
+            "fleet_models": models, "appliance_models_files": files, "appliance_health_timeout_s": 30})
     finally:
         outcomes = running.stop()
     print(f"\naborted rollout: {took:.0f} s; load: {summary(outcomes)}")
@@ -346,7 +368,7 @@ def test_a_host_that_does_not_come_back_stops_the_rollout(fleet: Fleet) -> None:
     assert status["node1"]["drained"] and status["node2"]["up"], status
     assert not failures(outcomes), failures(outcomes)  # node2 served everything
     # The fix is the next rollout with the config that works.
-    fleet.vars["appliance_models"], fleet.vars["appliance_models_files"] = good_models, good_files or files[:1]
+    fleet.vars["fleet_models"], fleet.vars["appliance_models_files"] = good_models, good_files or files[:1]
     fixed, took = fleet.play("rolling_upgrade.yml")
     fixed.ok()
     print(f"rollout that repaired it: {took:.0f} s")
@@ -364,26 +386,32 @@ def window_report(what: str, outcomes: list[Outcome], t0: float, t1: float) -> l
     return inside
 
 
-def test_kill_9_of_llama_server_takes_the_host_out_without_failing_requests(fleet: Fleet) -> None:
+def test_kill_9_of_a_llama_server_moves_only_that_models_traffic(fleet: Fleet) -> None:
     fleet.wait_lb(lambda s: all(s[n]["up"] for n in NODES), 60, "both hosts up")
-    pid = fleet.program_pid("node1", "model-gemma")
+    pid = fleet.program_pid("node1", "model-chat-a")
     running = load()
     try:
         running.wait_for(9)
         t_kill = time.time()
         fleet.sh("node1", f"kill -9 {pid}")
-        t_out = fleet.wait_lb(lambda s: not s["node1"]["up"], 30, "node1 taken out")
+        t_out = fleet.wait_lb(lambda s: s["node1"]["models"]["chat-a"] != "UP", 30, "chat-a on node1 taken out")
+        status = fleet.lb_status()["node1"]
         t_back = fleet.wait_lb(lambda s: s["node1"]["up"], 120, "node1 back")
         time.sleep(3)
     finally:
         outcomes = running.stop()
-    print(f"\nkill -9 llama-server on node1: out of the load balancer after {t_out - t_kill:.1f} s, back after "
-          f"{t_back - t_kill:.1f} s")
+    print(f"\nkill -9 chat-a's llama-server on node1: out of chat-a's backend after {t_out - t_kill:.1f} s, back "
+          f"after {t_back - t_kill:.1f} s")
+    assert status["models"]["embed"] == "UP", status  # node1 keeps its other model's traffic
     inside = window_report("kill -9 window", outcomes, t_kill, t_back)
-    inter = 1.0  # appliance_lb_check_interval_ms; fall 2, and /health follows llama-server within a poll (1 s)
+    inter = 1.0  # appliance_lb_check_interval_ms; fall 2, and the health follows llama-server within a poll (1 s)
     assert t_out - t_kill < 2 * inter + 3, t_out - t_kill
     assert not [o for o in inside if not o.ok and o.kind != "stream"], failures(inside)
     assert not failures([o for o in outcomes if o not in inside])
+    # While chat-a was out on node1, its requests went to node2 and the embeddings still to node1.
+    out_window = [o for o in inside if t_out + 1 < o.start and o.end < t_back - 1 and o.ok]
+    assert {o.host for o in out_window if o.kind != "embed"} <= {"node2"}, out_window
+    assert {o.host for o in out_window if o.kind == "embed"} == {"node1"}, out_window
 
 
 def test_stopping_a_whole_host_under_load(fleet: Fleet) -> None:
@@ -413,6 +441,58 @@ def test_stopping_a_whole_host_under_load(fleet: Fleet) -> None:
     inside = window_report("host stop window", outcomes, t_stop, t_back)
     assert not [o for o in inside if not o.ok and o.kind != "stream"], failures(inside)
     assert not failures(outcomes), failures(outcomes)  # a clean poweroff lets even the streams finish
+
+
+# --- conversations and bursts -------------------------------------------------------------------------------------
+
+
+def test_a_conversation_keeps_its_host_across_turns_and_moves_when_it_drains(fleet: Fleet) -> None:
+    fleet.wait_lb(lambda s: all(s[n]["up"] for n in NODES), 60, "both hosts up")
+    lbsh = "/usr/local/sbin/appliance-lb"
+
+    def turns(key: str, n: int) -> set[str]:
+        hosts = set()
+        history = [{"role": "system", "content": f"Conversation {key}."}]
+        for i in range(n):
+            history.append({"role": "user", "content": f"Turn {i}."})
+            r = httpx.post(LB_URL + "/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {API_KEY}"},
+                           json={"model": "chat-a", "max_tokens": 2, "messages": history, "prompt_cache_key": key})
+            assert r.status_code == 200, r.text
+            history.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"] or "."})
+            hosts.add(r.headers[SERVED_BY])
+        return hosts
+
+    homes = {key: turns(key, 3) for key in (f"conversation-{i}" for i in range(6))}
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert set().union(*homes.values()) == set(NODES), homes  # keys spread over both hosts
+    key, home = next((k, next(iter(h))) for k, h in homes.items())
+    other = next(n for n in NODES if n != home)
+    fleet.sh("lb", f"{lbsh} drain {home}")
+    try:
+        assert turns(key, 3) == {other}
+    finally:
+        fleet.sh("lb", f"{lbsh} ready {home}")
+        fleet.sh("lb", f"{lbsh} wait {home} up --timeout 30")
+    assert turns(key, 2) == {home}  # back on its own host once that one is back
+
+
+def test_a_burst_over_the_fleets_slots_waits_in_the_load_balancer_not_429(fleet: Fleet) -> None:
+    fleet.wait_lb(lambda s: all(s[n]["up"] for n in NODES), 60, "both hosts up")
+    n = 3 * 2 * 2  # three times chat-a's slots in the fleet: 2 hosts x parallel 2
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(lambda i: chat("chat-a", f"Burst request {i}: count to twenty.", max_tokens=24),
+                                range(n)))
+    statuses = Counter(r.status_code for r in answers)
+    print(f"\nburst of {n}: {dict(statuses)}, served by {dict(Counter(r.headers.get(SERVED_BY) for r in answers))}")
+    assert statuses == {200: n}, [r.text for r in answers if r.status_code != 200]
+    # The queue shows in the central Prometheus, from the load balancer's own exporter.
+    deadline = time.monotonic() + 60
+    queued: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not queued:
+        queued = [r for r in fleet.query('haproxy_backend_max_queue{model="chat-a", proxy="m_chat-a"}')
+                  if float(r["value"][1]) > 0]
+        time.sleep(2)
+    assert queued and queued[0]["metric"]["instance"] == "lb", queued
 
 
 # --- fleet metrics ----------------------------------------------------------------------------------------------
@@ -462,29 +542,33 @@ def test_central_prometheus_has_every_host_and_the_dashboard_works_on_it(fleet: 
     assert not required & set(empty), empty
     # The rules loaded, with the shorter for: of this test.
     rules = [r for g in fleet.central("/api/v1/rules")["groups"] for r in g["rules"]]
-    assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 8 and all(r["health"] == "ok" for r in rules), rules
     assert next(r for r in rules if r["name"] == "ApplianceModelDown")["duration"] == 10
     check = fleet.lab.run("lb", "promtool check rules /etc/prometheus/appliance-alerts.yml", check=False)
-    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 8 rules found" in check.stdout, check.stdout + check.stderr
 
 
-def test_an_alert_fires_when_a_hosts_model_is_down(fleet: Fleet) -> None:
-    fleet.sh("node2", "/usr/local/bin/appliancectl stop model-embed")
+def test_alerts_fire_when_a_hosts_model_is_down_and_no_host_can_serve_it(fleet: Fleet) -> None:
+    # embed lives on node1 only: stopped there, the host's model is down and the fleet cannot serve it at all.
+    fleet.sh("node1", "/usr/local/bin/appliancectl stop model-embed")
     t0 = time.time()
+    wanted = {"ApplianceModelDown", "ApplianceFleetModelUnservable"}
     try:
-        deadline = time.monotonic() + 100
-        firing: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            firing = [a for a in fleet.central("/api/v1/alerts")["alerts"]
-                      if a["labels"]["alertname"] == "ApplianceModelDown" and a["state"] == "firing"]
-            if firing:
-                break
+        deadline = time.monotonic() + 120
+        firing: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline and set(firing) != wanted:
+            firing = {a["labels"]["alertname"]: a for a in fleet.central("/api/v1/alerts")["alerts"]
+                      if a["labels"]["alertname"] in wanted and a["state"] == "firing"}
             time.sleep(2)
-        print(f"\nApplianceModelDown firing {time.time() - t0:.0f} s after the model stopped: "
-              f"{[a['labels'] for a in firing]}")
-        assert [(a["labels"]["host"], a["labels"]["instance"], a["labels"]["model"]) for a in firing] == \
-            [("node2", "node2", "embed")], firing
-        assert "embed on node2" in firing[0]["annotations"]["summary"]
+        print(f"\nfiring {time.time() - t0:.0f} s after the model stopped: {[a['labels'] for a in firing.values()]}")
+        down, unservable = firing["ApplianceModelDown"], firing["ApplianceFleetModelUnservable"]
+        assert (down["labels"]["host"], down["labels"]["instance"], down["labels"]["model"]) == \
+            ("node1", "node1", "embed"), down
+        assert "embed on node1" in down["annotations"]["summary"]
+        assert (unservable["labels"]["instance"], unservable["labels"]["model"]) == ("lb", "embed"), unservable
+        r = httpx.post(LB_URL + "/v1/embeddings", json={"model": "embed", "input": "x"}, timeout=30,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_host_available", r.text
     finally:
-        fleet.sh("node2", "/usr/local/bin/appliancectl start model-embed", check=False)
-    fleet.wait_lb(lambda s: s["node2"]["up"], 120, "node2 back")
+        fleet.sh("node1", "/usr/local/bin/appliancectl start model-embed", check=False)
+    fleet.wait_lb(lambda s: s["node1"]["up"], 120, "node1 back")
