@@ -77,13 +77,16 @@ def appliance_lb_plan(hosts: list[dict[str, Any]], margin: int = 1) -> dict[str,
                                 "one model across the fleet")
                 continue
             parallel = int(m.get("parallel", DEFAULT_PARALLEL))
-            # Each of the model's three backends (by load, by key, by default) sends a host up to parallel + margin:
-            # its own bound (parallel + max_queue, 4 x parallel by default) must take all of them, or it answers 429.
+            # The model's backends (by load, by key, and for the host's default of a kind also without a model) each
+            # send a host up to parallel + margin: its own bound (parallel + max_queue, 4 x parallel by default) must
+            # take them all, or it answers 429 to the load balancer.
+            backends_here = 3 if kind not in seen_kinds else 2
+            need = (backends_here - 1) * parallel + backends_here * margin
             max_queue = int(m["max_queue"]) if m.get("max_queue") is not None else 4 * parallel
-            if max_queue < 2 * parallel + 3 * margin:
-                problems.append(f"{where}: max_queue {max_queue} is below 2 x parallel + 3 x appliance_lb_slot_margin "
-                                f"({2 * parallel + 3 * margin}): the host could answer 429 to requests the load "
-                                "balancer sends it")
+            if max_queue < need:
+                problems.append(f"{where}: max_queue {max_queue} is below the {need} requests the load balancer may "
+                                f"send beyond its parallel {parallel} ({backends_here} backends x parallel + "
+                                "appliance_lb_slot_margin): raise max_queue or lower the margin")
             slots = parallel + margin
             entry["servers"].append(_server(host, slots))
             for alias in [name, *(str(a) for a in m.get("aliases") or [])]:

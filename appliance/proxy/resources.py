@@ -8,6 +8,7 @@ from importlib.metadata import version
 import falcon
 import falcon.asgi
 
+from appliance.config.load import KINDS
 from appliance.proxy.errors import ApiError
 from appliance.proxy.readiness import ModelState
 from appliance.proxy.runtime import Runtime
@@ -30,7 +31,7 @@ def _fleet_models(header: str | None) -> list[dict[str, object]]:
         return []
     return [{"id": e["id"], "kind": e.get("kind", "chat"), "aliases": list(e.get("aliases", []))}
             for e in entries
-            if isinstance(e, dict) and isinstance(e.get("id"), str) and isinstance(e.get("kind", ""), str)
+            if isinstance(e, dict) and isinstance(e.get("id"), str) and e.get("kind", "chat") in KINDS
             and isinstance(e.get("aliases", []), list) and all(isinstance(a, str) for a in e.get("aliases", []))]
 
 

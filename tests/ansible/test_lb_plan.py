@@ -43,12 +43,17 @@ def test_backends_servers_and_maps() -> None:
 
 def test_what_cannot_be_routed_is_named() -> None:
     p = plan([host("n1", {"name": "x", "kind": "chat", "aliases": ["shared", "bad alias"]}, {"name": "50%"},
-                   {"name": "y", "parallel": 4, "max_queue": 2}),
+                   {"name": "y", "parallel": 4, "max_queue": 6}, {"name": "e", "kind": "embed", "parallel": 1},
+                   {"name": "c", "parallel": 1}),
               host("n2", {"name": "x", "kind": "embed"}, {"name": "z", "aliases": ["shared"]})], 1)
     problems = "\n".join(p["problems"])
     assert "n1: model 'x': alias 'bad alias'" in problems
     assert "n1: model '50%'" in problems
-    assert "n1: model 'y': max_queue 2 is below 2 x parallel + 3 x appliance_lb_slot_margin (11)" in problems
+    # y is not the host's first chat model: two backends send to it; e is its first embed model, so three.
+    assert "n1: model 'y': max_queue 6 is below the 6 requests" not in problems
+    assert "n1: model 'e': max_queue 4 is below the 5 requests the load balancer may send beyond its parallel 1 " \
+           "(3 backends" in problems
+    assert "model 'c'" not in problems
     assert "n2: model 'x': kind 'embed' here, 'chat' on another host" in problems
     assert "n2: model 'z': 'shared' names model 'x' on another host" in problems
 
@@ -62,7 +67,7 @@ def test_the_route_kinds_match_the_proxys_routes() -> None:
 
 
 def test_the_defaults_match_the_appliance() -> None:
-    assert plugin.DEFAULT_PARALLEL == ModelConfig.__dataclass_fields__["parallel"].default
+    assert ModelConfig.__dataclass_fields__["parallel"].default == plugin.DEFAULT_PARALLEL
     lb_vars = yaml.safe_load((ROLES / "appliance_lb/vars/main.yml").read_text())
     role_models = yaml.safe_load((ROLES / "appliance/defaults/main.yml").read_text())["appliance_models"]
     assert lb_vars["__appliance_lb_default_models"] == [{"name": m["name"], "kind": m["kind"]} for m in role_models]

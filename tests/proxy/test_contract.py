@@ -30,7 +30,8 @@ KEY = "sk-contract-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # Operations the proxy answers itself, besides the forwarded ROUTES.
 OWN_ROUTES = {"/v1/models": {"get", "head"}, "/models": {"get", "head"}, "/health": {"get", "head"},
-              "/livez": {"get", "head"}, "/props": {"get", "head"}}
+              "/livez": {"get", "head"}, "/props": {"get", "head"},
+              "/health/models/{name}": {"get", "head", "parameters"}}
 # What schemathesis asserts on every response: never a 5xx, and status, content type, body and headers as documented.
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance",
           "response_headers_conformance", "unsupported_method", "ignored_auth")
