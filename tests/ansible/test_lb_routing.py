@@ -8,6 +8,7 @@ same routing with the real model; here each rule is checked fast and in isolatio
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -107,19 +108,39 @@ def render(tmp: Path, hosts: dict[str, tuple[int, list[dict[str, Any]]]], lb_por
     return tmp / "lb" / "lb"
 
 
+@dataclass
+class Nodes:
+    tmp: Path
+    hosts: dict[str, tuple[int, list[dict[str, Any]]]]
+    stubs: dict[str, StubLlama]
+
+
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
     if not Path(HAPROXY).is_file():
         pytest.fail("haproxy is missing: run scripts/setup.sh --dev (the README's test command)")
     tmp = tmp_path_factory.mktemp("lb")
     node1, stubs1, models1 = _node(tmp, "node1", [("chat-a", "chat", []), ("embed", "embed", ["text-embedding-*"])])
     node2, stubs2, models2 = _node(tmp, "node2", [("chat-a", "chat", []), ("chat-b", "chat", ["claude-*"])])
+    try:
+        yield Nodes(tmp, {"node1": (node1.port, models1), "node2": (node2.port, models2)}, {**stubs1, **stubs2})
+    finally:
+        for p in (node1, node2):
+            p.stop()
+        for s in {**stubs1, **stubs2}.values():
+            s.stop()
+
+
+@contextlib.contextmanager
+def load_balancer(nodes: Nodes, name: str, **lb_vars: Any) -> Iterator[Fleet]:
+    """HAProxy with the role's config for these nodes, until every model backend has its hosts up."""
     lb_port, exporter_port = free_port(), free_port()
-    lb_dir = render(tmp, {"node1": (node1.port, models1), "node2": (node2.port, models2)}, lb_port, exporter_port)
+    (nodes.tmp / name).mkdir()
+    lb_dir = render(nodes.tmp / name, nodes.hosts, lb_port, exporter_port, **lb_vars)
     with (lb_dir / "haproxy.log").open("wb") as log:
         haproxy = subprocess.Popen([HAPROXY, "-f", str(lb_dir / "haproxy.cfg"), "-db"], stdout=log,
                                    stderr=subprocess.STDOUT)
-    f = Fleet(f"http://127.0.0.1:{lb_port}", lb_dir, {**stubs1, **stubs2}, f"http://127.0.0.1:{exporter_port}")
+    f = Fleet(f"http://127.0.0.1:{lb_port}", lb_dir, nodes.stubs, f"http://127.0.0.1:{exporter_port}")
     try:
         deadline = time.monotonic() + 20
         while not (lb_dir / "admin.sock").exists() or any(
@@ -132,10 +153,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     finally:
         haproxy.terminate()
         haproxy.wait(10)
-        for p in (node1, node2):
-            p.stop()
-        for s in f.stubs.values():
-            s.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(nodes: Nodes) -> Iterator[Fleet]:
+    with load_balancer(nodes, "default") as f:
+        yield f
 
 
 def test_each_model_goes_only_to_the_hosts_that_serve_it(fleet: Fleet) -> None:
@@ -259,3 +282,45 @@ def test_the_exporter_listens_on_loopback_only(fleet: Fleet) -> None:
     port = fleet.exporter.rsplit(":", 1)[1]
     assert f"bind 127.0.0.1:{port}" in text
     assert httpx.get(fleet.exporter + "/metrics").status_code == 200
+
+
+def test_without_a_key_the_conversations_beginning_can_be_the_key(nodes: Nodes) -> None:
+    with load_balancer(nodes, "conversation", appliance_lb_affinity_conversation=True) as lb:
+        homes = []
+        for c in range(8):
+            history = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": f"Topic {c}."}]
+            served: Counter[str] = Counter()
+            for turn in range(4):  # each turn repeats the beginning and adds to the end
+                r = lb.post("/v1/chat/completions", {"model": "chat-a", "messages": history})
+                assert r.status_code == 200
+                served[r.headers[HOST]] += 1
+                history += [{"role": "assistant", "content": "Ok."}, {"role": "user", "content": f"More {turn}."}]
+            assert len(served) == 1, served
+            homes.append(next(iter(served)))
+        assert set(homes) == {"node1", "node2"}, homes
+        # Anthropic's system field and a completion prompt's beginning too.
+        anthropic = {lb.post("/v1/messages", {"model": "chat-a", "system": "Be brief.", "max_tokens": 1, "messages": [
+            {"role": "user", "content": "Same start."}, *[{"role": "user", "content": f"turn {i}"}] * min(i, 1)]}
+                             ).headers[HOST] for i in range(4)}
+        assert len(anthropic) == 1, anthropic
+        prompt = "A long shared document. " * 60
+        completions = {lb.post("/v1/completions", {"model": "chat-a", "prompt": prompt + "Q" * i}).headers[HOST]
+                       for i in range(4)}
+        assert len(completions) == 1, completions
+
+
+def test_affinity_off_sends_keyed_requests_by_load_and_a_full_queue_times_out_with_503(nodes: Nodes) -> None:
+    with load_balancer(nodes, "plain", appliance_lb_affinity=False, appliance_lb_timeout_queue_s=1) as lb:
+        text = (lb.lb_dir / "haproxy.cfg").read_text()
+        assert "balance hash" not in text and "a_chat-a" not in text
+        served = lb.hosts_of(12, "/v1/chat/completions", {"model": "chat-a", "prompt_cache_key": "k"})
+        assert set(served) == {"node1", "node2"}, served
+        # chat-b: one host, 2 slots + 1 at once; requests that wait over a second get HAProxy's 503.
+        body = {"model": "chat-b", "stub": "stall", "delay": 2.5}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: lb.post("/v1/chat/completions", body), range(6)))
+        statuses = Counter(r.status_code for r in answers)
+        assert statuses == {200: 3, 503: 3}, statuses
+        late = next(r for r in answers if r.status_code == 503)
+        assert late.headers["retry-after"] == "2"
+        assert late.json()["error"]["code"] == "no_host_available"

@@ -79,6 +79,8 @@ def fleet_vars() -> dict[str, Any]:
         "appliance_metrics_agent_remote_write_username": METRICS_USER,
         "appliance_metrics_agent_remote_write_password": METRICS_PASSWORD,
         "appliance_metrics_agent_scrape_interval_s": 5,
+        # embed and chat-b have one host each: a rollout takes them out while it upgrades that host.
+        "appliance_rolling_allow_unserved": True,
     }
 
 
@@ -219,6 +221,11 @@ def test_deploy_the_fleet_then_nothing_changes(fleet: Fleet) -> None:
     # A rollout in check mode drains nothing and would change nothing.
     dry, _ = fleet.play("rolling_upgrade.yml", args=("--check", "--diff"))
     assert dry.ok().changed == {"node1": 0, "node2": 0}, dry.output[-6000:]
+    # Unless told that it may, a rollout does not take out the only host of a model.
+    refused, _ = fleet.play("rolling_upgrade.yml", args=("--check",),
+                            overrides={"appliance_rolling_allow_unserved": False})
+    assert refused.rc != 0 and "embed would have no host while node1 is upgraded" in refused.output, \
+        refused.output[-4000:]
     assert all(s["admin"] == "ready" for s in fleet.lb_status().values())
 
 
