@@ -18,7 +18,9 @@ hits both alike. An arm: --conversations conversations at once (more than the fl
 with its own context of about --context-tokens tokens (numbered notes, generated from a seed unique to the
 conversation, the arm and the repetition: no two conversations share a cached prefix), --turns turns each, every turn
 a short question and a streamed answer of --max-tokens tokens (temperature 0), sent with the openai SDK with the
-conversation's prompt_cache_key. The answer goes back into the history, as a chat client does. Each turn follows the
+conversation's prompt_cache_key and the SDK's default retries (a request that waited HAProxy's timeout queue for a
+free slot gets 503 and is sent again after Retry-After; its TTFT counts from the first attempt, and the retries are
+counted). The answer goes back into the history, as a chat client does. Each turn follows the
 answer before it at once, or after a pause of up to --think-s seconds (the same pauses in both arms).
 
 Per turn: TTFT (request sent -> first content token received), the host that served it (the load balancer's
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import uvloop
 from openai.types.chat import ChatCompletionMessageParam
@@ -79,6 +82,8 @@ HOSTS = ("host-a", "host-b")
 LB_HOST = "lb"
 ARMS = ("affinity", "leastconn")
 SERVED_BY = "X-Appliance-Host"
+# Names each request's conversation and turn, so that the SDK's retries are counted per turn.
+TURN_HEADER = "X-Bench-Turn"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 ANSIBLE_PLAYBOOK = Path(PYTHON).parent / "ansible-playbook"
 PLAYBOOK = REPO / "ansible" / "lb-config.yml"
@@ -241,6 +246,7 @@ class Turn:
     prompt_n: int | None  # prompt tokens llama-server evaluated
     cache_n: int | None  # prompt tokens it took from its cache
     prompt_ms: float | None
+    retried: int = 0  # answers the SDK retried (HAProxy's 503 when no host took the request within timeout queue)
 
 
 async def conversation(client: openai.AsyncOpenAI, arm: str, rep: int, conv: int, run_id: str, note_count: int,
@@ -254,7 +260,8 @@ async def conversation(client: openai.AsyncOpenAI, arm: str, rep: int, conv: int
             await asyncio.sleep(pauses.uniform(0, think_s))  # the user reads the answer and types the next question
         t0 = time.perf_counter()
         raw = await client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True, prompt_cache_key=key)
+            model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True, prompt_cache_key=key,
+            extra_headers={TURN_HEADER: f"{conv}/{t}"})
         host = raw.headers.get(SERVED_BY, "?")
         stream = raw.parse()
         first: float | None = None
@@ -290,8 +297,18 @@ def _float(v: Any) -> float | None:
 
 async def run_arm(lb_url: str, arm: str, rep: int, run_id: str, args: Any, note_count: int) -> list[Turn]:
     """Every conversation of one arm at once; bounded by --request-timeout per request and --arm-timeout in all."""
-    client = openai.AsyncOpenAI(base_url=lb_url + "/v1", api_key=API_KEY, max_retries=0,
-                                timeout=args.request_timeout)
+    retried: dict[str, int] = {}
+
+    async def count_retried(response: httpx.Response) -> None:
+        if response.status_code >= 400:
+            turn = response.request.headers.get(TURN_HEADER, "?")
+            retried[turn] = retried.get(turn, 0) + 1
+
+    # The SDK's own retries (2, after Retry-After), as any client of the fleet has them: a request that waited
+    # timeout queue in HAProxy gets 503 and is sent again; its TTFT counts from the first attempt.
+    client = openai.AsyncOpenAI(base_url=lb_url + "/v1", api_key=API_KEY, timeout=args.request_timeout,
+                                http_client=openai.DefaultAsyncHttpxClient(
+                                    event_hooks={"response": [count_retried]}))
     tasks = [asyncio.create_task(conversation(client, arm, rep, c, run_id, note_count, args.turns, args.max_tokens,
                                               args.think_s)) for c in range(args.conversations)]
     try:
@@ -307,7 +324,10 @@ async def run_arm(lb_url: str, arm: str, rep: int, run_id: str, args: Any, note_
         results = [t.result() for t in tasks]
     finally:
         await client.close()
-    return [t for conv in results for t in conv]
+    turns = [t for conv in results for t in conv]
+    for t in turns:
+        t.retried = retried.get(f"{t.conv}/{t.turn}", 0)
+    return turns
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -343,7 +363,8 @@ def report(turns: Sequence[Turn], args: Any, context_tokens: int) -> None:
         same, total = returned([t for t in turns if t.arm == arm])
         rows.append([arm, fmt(m1, ".3f"), fmt(p1, ".3f"), fmt(m, ".3f"), fmt(p, ".3f"),
                      fmt(sum(t.ttft_s for t in later[arm]) / max(1, len(later[arm])), ".3f"),
-                     f"{same}/{total} ({100 * same / max(1, total):.0f}%)"])
+                     f"{same}/{total} ({100 * same / max(1, total):.0f}%)",
+                     str(sum(t.retried for t in turns if t.arm == arm))])
         known = [t for t in later[arm] if t.prompt_n is not None]
         for label, group in (("reused", [t for t in known if (t.prompt_n or 0) <= miss_at]),
                              ("re-evaluated", [t for t in known if (t.prompt_n or 0) > miss_at])):
@@ -356,7 +377,7 @@ def report(turns: Sequence[Turn], args: Any, context_tokens: int) -> None:
     print(f"TTFT in seconds over {args.repetitions} repetition(s) of {args.conversations} conversations x "
           f"{args.turns} turns per arm; context {context_tokens} tokens; {args.max_tokens} tokens per answer")
     print(table(["arm", "turn 1 p50", "turn 1 p90", f"turns 2-{args.turns} p50", "p90", "mean",
-                 "same host as the turn before"], rows))
+                 "same host as the turn before", "503s retried by the SDK"], rows))
     print()
     print(f"Turns 2-{args.turns} by what llama-server did (its timings): the context taken from its cache, or "
           f"evaluated again (> {miss_at:.0f} prompt tokens)")
@@ -481,7 +502,8 @@ def main() -> int:
                 later = [t.ttft_s for t in got if t.turn > 1]
                 same, total = returned(got)
                 say(f"  {arm} done in {time.monotonic() - t0:.1f} s: turns 2-{args.turns} TTFT p50 "
-                    f"{fmt(median(later) if later else None, '.3f')} s, same host {same}/{total}")
+                    f"{fmt(median(later) if later else None, '.3f')} s, same host {same}/{total}, "
+                    f"{sum(t.retried for t in got)} answers retried")
                 kids.check_alive()
         report(turns, args, context_tokens)
         print(machine_summary(load_only=True))
