@@ -65,13 +65,16 @@ class Middleware:
                 resp.status = 200
                 resp.complete = True
                 return
-        if rt.keys and req.path not in PROBES and not req.path.startswith(MODEL_HEALTH):
+        if rt.keys and req.path not in PROBES:
             name = self._client(req)
-            if name is None:
+            if name is not None:
+                ex.client = name
+            # The per-model probes are open too; their paths vary, so they are told apart only here, off the path
+            # of requests that carry a key.
+            elif not req.path.startswith(MODEL_HEALTH):
                 ex.client = "unauthenticated"
                 raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>' or "
                                "'x-api-key: <key>'", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-            ex.client = name
 
     def _client(self, req: falcon.asgi.Request) -> str | None:
         """The name of the key the request carries, as a Bearer token (OpenAI clients) or x-api-key (Anthropic)."""
