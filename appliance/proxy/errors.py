@@ -9,12 +9,14 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-# OpenAI's error "type" values by status, so SDKs map them to the right exception class.
 log = logging.getLogger("appliance.proxy")
 
+# The error "type" by status: OpenAI's values (SDKs map the status to an exception class), except 401, which is
+# "authentication_error" as llama-server and Anthropic's API write it: a client of llama-server that checks the type
+# sees what it sees there.
 _TYPES = {
     400: "invalid_request_error",
-    401: "invalid_request_error",
+    401: "authentication_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     408: "invalid_request_error",
