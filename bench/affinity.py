@@ -171,6 +171,8 @@ def inventory(hosts: Sequence[Host], lb_port: int) -> dict[str, Any]:
             **local,
             "appliance_lb_bind": [LOOPBACK],
             "appliance_lb_port": lb_port,
+            # Its own exporter port: the role's default (8405) would be shared by both arms' HAProxy (SO_REUSEPORT).
+            "appliance_lb_exporter_port": free_port(),
         }}},
     }}}
 
