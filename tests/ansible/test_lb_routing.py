@@ -225,6 +225,21 @@ def test_keys_spread_over_the_hosts_and_prompt_cache_key_comes_first(fleet: Flee
         assert with_user == hosts[k]
 
 
+def test_a_key_stays_home_while_its_host_has_room(fleet: Fleet) -> None:
+    # Two keys of node1. While the first is served there (the fleet's only request in flight), the second still goes
+    # home: the bound on affinity must not move a conversation from a host with free slots at light load (each move
+    # costs the new host a whole prompt evaluation).
+    keys = [k for k in (f"home-{i}" for i in range(40))
+            if fleet.hosts_of(1, "/v1/chat/completions", {"model": "chat-a", "user": k}) == {"node1": 1}][:2]
+    assert len(keys) == 2, keys
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(fleet.post, "/v1/chat/completions",
+                           {"model": "chat-a", "user": keys[0], "stub": "stall", "delay": 1.5})
+        time.sleep(0.5)
+        assert fleet.hosts_of(1, "/v1/chat/completions", {"model": "chat-a", "user": keys[1]}) == {"node1": 1}
+        assert busy.result().headers[HOST] == "node1"
+
+
 def test_a_model_down_on_one_host_moves_only_that_models_traffic(fleet: Fleet) -> None:
     fleet.stubs["node1/chat-a"].health_status = 503
     try:

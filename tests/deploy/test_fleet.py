@@ -74,7 +74,7 @@ def fleet_vars() -> dict[str, Any]:
         "appliance_metrics_central_web_users": {METRICS_USER: hashed},
         "appliance_metrics_central_evaluation_interval_s": 5,
         # The rules' 2 minutes would make the alert test wait that long.
-        "appliance_metrics_central_alert_for": {"ApplianceModelDown": "10s"},
+        "appliance_metrics_central_alert_for": {"ApplianceModelDown": "10s", "ApplianceFleetModelUnservable": "10s"},
         "appliance_metrics_agent_remote_write_url": f"{CENTRAL}/api/v1/write",
         "appliance_metrics_agent_remote_write_username": METRICS_USER,
         "appliance_metrics_agent_remote_write_password": METRICS_PASSWORD,
