@@ -66,4 +66,6 @@ UNEXPOSED: dict[str, str] = {
     "/cors-proxy": "it fetches arbitrary URLs from this host",
     "/metrics": "metrics are served to Prometheus on loopback only",
     "/v1/chat/completions/control": "it controls other clients' generations",
+    "/tools": "it runs shell commands, reads and writes files and starts MCP servers on this host",
+    "/predict": "Vertex AI's route, which llama-server serves only inside a Vertex AI container",
 }
