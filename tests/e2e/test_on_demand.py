@@ -138,11 +138,32 @@ def test_concurrent_first_requests_on_both_workers_share_one_load(app: Appliance
 
 
 def test_an_idle_model_is_unloaded_after_idle_unload_s(app: Appliance) -> None:
-    assert ask(app, "od-d").status_code == 200
-    t0 = time.monotonic()
-    wait_for(lambda: states(app)["od-d"] == "unloaded", 15, "od-d to be unloaded")
+    # A load balancer probes each model: through the load and the idle unload the host can serve od-d all along.
+    probes: list[tuple[float, int, str]] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=app.url, timeout=5) as c:
+            while not done.is_set() and len(probes) < 2000:
+                r = c.get("/health/models/od-d")
+                probes.append((time.monotonic(), r.status_code, r.json().get("state", "")))
+                time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        assert ask(app, "od-d").status_code == 200
+        t0 = time.monotonic()
+        wait_for(lambda: states(app)["od-d"] == "unloaded", 15, "od-d to be unloaded")
+        time.sleep(1.5)  # the workers' next readiness polls after the unload
+    finally:
+        done.set()
+        prober.join(10)
     assert time.monotonic() - t0 >= 1.5
     assert events(app, "model_unloaded", "od-d")[-1]["reason"] == "idle"
+    seen = {state for _, _, state in probes}
+    assert {"ready", "unloaded"} <= seen, seen
+    assert all(status == 200 for _, status, _ in probes), [p for p in probes if p[1] != 200]
 
 
 def test_metrics_count_loads_unloads_and_the_budget(app: Appliance) -> None:
