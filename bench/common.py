@@ -283,7 +283,7 @@ def appliance_config(tmp: Path, models: list[dict[str, Any]], binary: Path | Non
         "metrics": {"port": free_port()},
         "llama_server": {"binary": str(bin_path), "allowed_binary_prefixes": [str(bin_path.parent)],
                          "models_dir": str(models_dir or tmp / "models")},
-        "supervision": {"runtime_dir": str(tmp / "run")},
+        "supervision": {"runtime_dir": str(tmp / "run"), "state_dir": str(tmp / "state")},
         "models": models,
     }
     for name, values in (sections or {}).items():

@@ -118,7 +118,7 @@ def _proxy_config(server: Any, upstream_port: int, public_port: int, run_dir: Pa
         "llama_server": {"binary": str(Path(os.environ[ENV_REPO]) / ".appliance" / "bin" / "llama-server"),
                          "allowed_binary_prefixes": [str(Path(os.environ[ENV_REPO]) / ".appliance" / "bin")],
                          "models_dir": str(model.parent)},
-        "supervision": {"runtime_dir": str(run_dir / "run")},
+        "supervision": {"runtime_dir": str(run_dir / "run"), "state_dir": str(run_dir / "state")},
     }
     aliases = [a for a in dict.fromkeys((*names[1:], *ALIASES)) if a != names[0]]
     # A large queue bound: the suite's concurrent requests must queue in llama-server, as they do directly.

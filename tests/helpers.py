@@ -68,7 +68,7 @@ def stub_config(tmp: Path, chat_port: int, embed_port: int, **server: Any) -> di
         "metrics": {"port": free_port()},
         "llama_server": {"binary": str(tmp / "bin/llama-server"), "allowed_binary_prefixes": [str(tmp / "bin")],
                          "models_dir": str(tmp / "models")},
-        "supervision": {"runtime_dir": str(tmp / "run")},
+        "supervision": {"runtime_dir": str(tmp / "run"), "state_dir": str(tmp / "state")},
         "models": [
             {"name": "chat-a", "aliases": ["gpt-4o-mini"], "file": "a.gguf", "kind": "chat", "port": chat_port},
             {"name": "embed-a", "file": "a.gguf", "kind": "embed", "port": embed_port},

@@ -21,8 +21,10 @@ from appliance.config.model import (
     ALWAYS,
     BODY_LIMIT_MAX,
     CPU,
+    DEFAULT_CLIENT,
     ON_DEMAND,
     ApplianceConfig,
+    ClientPolicy,
     EventsConfig,
     LlamaServerConfig,
     MetricsConfig,
@@ -417,6 +419,69 @@ def _parse_memory_mib(raw: Any, devices: Any, gpu_layers: Any, key: str, problem
     return out
 
 
+_CLIENT_INTS = ("max_concurrent", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
+
+
+def _parse_clients(raw: Any, problems: _Problems) -> dict[str, ClientPolicy]:
+    """``[clients.<name>]`` tables; the values are checked here, the names and models by ``_check_clients``."""
+    if not isinstance(raw, dict):
+        problems.add("clients", "must be a table of [clients.<name>] tables")
+        return {}
+    known = ", ".join(sorted(("models", "weight", *_CLIENT_INTS)))
+    out: dict[str, ClientPolicy] = {}
+    for name, table in raw.items():
+        prefix = f"clients.{name}"
+        if not isinstance(table, dict):
+            problems.add(prefix, "must be a table ([clients.<name>] with the client's limits)")
+            continue
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            where = f"{prefix}.{key}"
+            if key == "models":
+                if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+                    values[key] = tuple(value)
+                else:
+                    problems.add(where, f"must be a list of model names or aliases, got {value!r}")
+            elif key in _CLIENT_INTS:
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    values[key] = value
+                else:
+                    problems.add(where, f"must be an integer, 0 or more (0: no limit), got {value!r}")
+            elif key == "weight":
+                if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1000:
+                    values[key] = float(value)
+                else:
+                    problems.add(where, f"must be a number greater than 0 and at most 1000, got {value!r}")
+            else:
+                problems.add(where, f"unknown key (known keys: {known})")
+        out[name] = ClientPolicy(**values)
+    return out
+
+
+def _check_clients(cfg: ApplianceConfig, base: Path, problems: _Problems) -> None:
+    """Each section names a key of the keys file (or is ``default``), and each allowed model exists."""
+    if not cfg.clients:
+        return
+    names: set[str] | None = set()
+    if cfg.server.api_keys_file:
+        try:
+            names = set(read_api_keys(_resolve(base, cfg.server.api_keys_file)).values())
+        except (OSError, ValueError):
+            names = None  # reported under server.api_keys_file
+    served = {n for m in cfg.models for n in (m.name, *m.aliases)}
+    for name, policy in cfg.clients.items():
+        if names is not None and name != DEFAULT_CLIENT and name not in names:
+            where = (f"no key in {cfg.server.api_keys_file} is named {name!r}" if cfg.server.api_keys_file
+                     else "no API keys are configured (server.api_keys_file), so no client has a name")
+            problems.add(f"clients.{name}", f"{where}; known names: {', '.join(sorted(names)) or 'none'} "
+                         f"(or {DEFAULT_CLIENT!r} for every key without a section)")
+        for i, model in enumerate(policy.models or ()):
+            if model not in served:
+                problems.add(f"clients.{name}.models[{i}]",
+                             f"{model!r} is not the name or an alias of a configured model "
+                             f"(known: {', '.join(sorted(served))})")
+
+
 def _check_ports(cfg: ApplianceConfig, problems: _Problems) -> None:
     ports: list[tuple[str, int]] = [("server.port", cfg.server.port), ("metrics.port", cfg.metrics.port)]
     ports += [(f"models[{i}].port", m.port) for i, m in enumerate(cfg.models)]
@@ -471,8 +536,8 @@ def parse(data: Mapping[str, Any], base: Path, source: Path | None = None, check
         "events": (EventsConfig, EventsConfig),
     }
     for key in data:
-        if key not in (*sections, "models", "memory"):
-            problems.add(key, f"unknown section (known: {', '.join([*sections, 'memory', 'models'])})")
+        if key not in (*sections, "models", "memory", "clients"):
+            problems.add(key, f"unknown section (known: {', '.join([*sections, 'clients', 'memory', 'models'])})")
     built: dict[str, Any] = {}
     for name, (cls, make) in sections.items():
         built[name] = make(**_section(cls, data.get(name, {}), name, problems))
@@ -491,10 +556,12 @@ def parse(data: Mapping[str, Any], base: Path, source: Path | None = None, check
         if all(k in values for k in ("name", "file", "port")):
             models.append(ModelConfig(**values, memory_mib=memory_mib))
     memory = _parse_memory(data.get("memory", {}), problems)
-    cfg = ApplianceConfig(models=tuple(models), source=source, memory=memory, **built)
+    clients = _parse_clients(data.get("clients", {}), problems)
+    cfg = ApplianceConfig(models=tuple(models), source=source, memory=memory, clients=clients, **built)
     if len(models) == len(raw_models):
         _check_models(cfg, problems)
         _check_ports(cfg, problems)
+        _check_clients(cfg, base, problems)
     _check_server(cfg.server, base, problems)
     _check_supervision(cfg.supervision, problems)
     _check_events(cfg.events, base, problems)
@@ -524,7 +591,8 @@ def _absolutize(cfg: ApplianceConfig, base: Path) -> ApplianceConfig:
             models_dir=str(models_dir),
         ),
         supervision=replace(cfg.supervision, runtime_dir=str(_resolve(base, cfg.supervision.runtime_dir)),
-                            log_dir=str(_resolve(base, cfg.supervision.log_dir)) if cfg.supervision.log_dir else ""),
+                            log_dir=str(_resolve(base, cfg.supervision.log_dir)) if cfg.supervision.log_dir else "",
+                            state_dir=str(_resolve(base, cfg.supervision.state_dir))),
         events=replace(cfg.events, file=str(_resolve(base, cfg.events.file)) if cfg.events.file else "",
                        token_file=str(_resolve(base, cfg.events.token_file)) if cfg.events.token_file else ""),
         models=tuple(

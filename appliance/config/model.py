@@ -79,6 +79,8 @@ class SupervisionConfig:
     runtime_dir: str = "/run/appliance"
     #: supervisord's and every program's log files; empty means <runtime_dir>/logs.
     log_dir: str = ""
+    #: Durable state that outlives restarts and upgrades: the usage ledger (``usage.sqlite3``).
+    state_dir: str = "/var/lib/appliance"
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,36 @@ class ModelConfig:
         return self.parallel + (self.max_queue if self.max_queue is not None else 4 * self.parallel)
 
 
+#: The policy section that applies to every key without a section of its own (and to requests without keys).
+DEFAULT_CLIENT = "default"
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """``[clients.<name>]``: what one API key's client may do. 0 means no limit."""
+
+    #: Names or aliases of the models the client may use (each allows its model by any of its names); None: all.
+    models: tuple[str, ...] | None = None
+    #: Requests in flight at once on this host; one more gets 429 at once.
+    max_concurrent: int = 0
+    #: Requests forwarded to a model in the last 60 s.
+    requests_per_minute: int = 0
+    #: Prompt plus completion tokens in the last 60 s (post-paid: the request that crosses it finishes).
+    tokens_per_minute: int = 0
+    #: Prompt plus completion tokens since 00:00 UTC (post-paid too).
+    tokens_per_day: int = 0
+    #: Share of a busy model's slots relative to other clients waiting for it.
+    weight: float = 1.0
+
+    @property
+    def limited(self) -> bool:
+        """Whether requests pay for the rate and budget windows (the shared counters)."""
+        return bool(self.requests_per_minute or self.tokens_per_minute or self.tokens_per_day)
+
+
+UNLIMITED = ClientPolicy()
+
+
 @dataclass(frozen=True)
 class ApplianceConfig:
     models: tuple[ModelConfig, ...]
@@ -160,6 +192,8 @@ class ApplianceConfig:
     events: EventsConfig = field(default_factory=EventsConfig)
     #: Memory budget per device in MiB ([memory]); empty: no budget, memory is not planned.
     memory: dict[str, int] = field(default_factory=dict)
+    #: Policies per API key name ([clients.<name>]); ``default`` covers the keys without a section.
+    clients: dict[str, ClientPolicy] = field(default_factory=dict)
     source: Path | None = None
 
     @property
@@ -169,6 +203,9 @@ class ApplianceConfig:
     @property
     def events_file(self) -> Path:
         return Path(self.events.file or Path(self.supervision.runtime_dir) / "events.jsonl")
+
+    def policy(self, client: str) -> ClientPolicy:
+        return self.clients.get(client) or self.clients.get(DEFAULT_CLIENT) or UNLIMITED
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:

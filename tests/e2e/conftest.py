@@ -99,8 +99,8 @@ def start_appliance(tmp: Path, models: list[dict[str, Any]], sections: dict[str,
         "metrics": {"port": free_port()},
         "llama_server": {"binary": str(BINARY), "allowed_binary_prefixes": [str(BINARY.parent)],
                          "models_dir": str(tmp / "models")},
-        "supervision": {"runtime_dir": str(tmp / "run"), "max_restarts": 3, "stable_uptime_s": 5,
-                        "backoff_initial_s": 0.5, "backoff_max_s": 2.0, **supervision},
+        "supervision": {"runtime_dir": str(tmp / "run"), "state_dir": str(tmp / "state"), "max_restarts": 3,
+                        "stable_uptime_s": 5, "backoff_initial_s": 0.5, "backoff_max_s": 2.0, **supervision},
         "models": models,
     }
     for name, values in (sections or {}).items():
