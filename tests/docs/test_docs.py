@@ -44,8 +44,9 @@ def ticked(cell: str) -> list[str]:
 
 
 def code_keys() -> set[str]:
-    """``section.key`` for the sections' fields, the plain field name for a ``[[models]]`` key, ``[name]`` for a table
-    of the file's own keys (``[memory]``: MiB per device)."""
+    """``section.key`` for the sections' fields, the plain field name for a ``[[models]]`` key, ``[name.<name>] key``
+    for a key of named tables (``[clients.<name>] weight``), ``[name]`` for a table of the file's own keys
+    (``[memory]``: MiB per device)."""
     keys: set[str] = set()
     hints = typing.get_type_hints(config_model.ApplianceConfig)
     for f in dataclasses.fields(config_model.ApplianceConfig):
@@ -56,6 +57,8 @@ def code_keys() -> set[str]:
             keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(hint)}
         elif typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
             keys |= {g.name for g in dataclasses.fields(typing.get_args(hint)[0])}
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            keys |= {f"[{f.name}.<name>] {g.name}" for g in dataclasses.fields(typing.get_args(hint)[1])}
         else:
             keys.add(f"[{f.name}]")
     return keys
@@ -64,18 +67,25 @@ def code_keys() -> set[str]:
 def documented_keys(text: str) -> set[str]:
     """The backticked names in the key column: ``server.bind``, ``server.tls_cert_file`` / ``server.tls_key_file``,
     ``supervision.backoff_initial_s`` / ``backoff_max_s`` (the section carries over), ``[[models]] name``, ``aliases``,
-    ``ctx_size``, ``gpu_layers``, ..., ``[memory] <device>``."""
+    ``ctx_size``, ``gpu_layers``, ..., ``[memory] <device>``, ``[clients.<name>] models``, ``max_concurrent`` (the
+    table carries over too)."""
     keys: set[str] = set()
     for row in table(text, "| key | default | meaning |"):
         section = ""
         for name in ticked(row[0]):
             if name.startswith("[[models]] "):
                 keys.add(name.removeprefix("[[models]] "))
+            elif name.startswith("[") and "." in name.partition("]")[0]:
+                section, _, key = name.partition("] ")
+                section += "]"
+                keys.add(f"{section} {key}")
             elif name.startswith("["):
                 keys.add(name[:name.index("]") + 1])
             elif "." in name:
                 section = name.partition(".")[0]
                 keys.add(name)
+            elif section.startswith("["):
+                keys.add(f"{section} {name}")
             else:
                 keys.add(f"{section}.{name}" if section else name)
     return keys
@@ -83,7 +93,7 @@ def documented_keys(text: str) -> set[str]:
 
 def test_every_config_key_is_documented_and_every_documented_key_exists() -> None:
     code, documented = code_keys(), documented_keys((DOCS / "configuration.md").read_text())
-    assert "server.bind" in code and "name" in code and "[memory]" in code  # the reading of the code works
+    assert {"server.bind", "name", "[memory]", "[clients.<name>] weight"} <= code  # the reading of the code works
     assert not code - documented, f"keys missing from docs/configuration.md: {sorted(code - documented)}"
     assert not documented - code, f"docs/configuration.md documents unknown keys: {sorted(documented - code)}"
 
