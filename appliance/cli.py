@@ -11,6 +11,7 @@ from pathlib import Path
 from appliance.config import DEFAULT_PATH, ApplianceConfig, ConfigError, config_warnings, load
 from appliance.lifecycle import plan
 from appliance.lifecycle.plan import Footprint
+from appliance.usage.command import parse_by, parse_since
 
 
 def _print_problems(path: Path, e: ConfigError) -> None:
@@ -140,6 +141,18 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(cfg, args.watch, args.json)
 
 
+def _usage(args: argparse.Namespace) -> int:
+    from appliance.usage.command import run_usage
+
+    try:
+        # Only state_dir is needed: a report still works on a host whose binary or a model file is missing.
+        cfg = load(args.config, check_files=False)
+    except ConfigError as e:
+        _print_problems(args.config, e)
+        return 1
+    return run_usage(cfg, args.since, args.by, args.format)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Managed LLM runtime appliance.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('appliance')}")
@@ -195,6 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "last minute; a single run measures it over 1 s)")
     p.add_argument("--json", action="store_true", help="one JSON document (with --watch: one per line)")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("usage", help="requests and tokens per client, model and day, from the usage ledger",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Reads the usage ledger (<supervision.state_dir>/usage.sqlite3): every proxy\n"
+                       "worker adds to it, about once a second, the requests it forwarded to a model and\n"
+                       "their prompt and completion tokens as llama-server counted them, per UTC hour,\n"
+                       "client (the API key's name) and model. Read-only: run it on the host as the\n"
+                       "service user or a member of its group. Exit status: 0 (also when nothing was\n"
+                       "recorded yet), 1 unreadable config or ledger, 2 usage.",
+                       epilog="example: tokens per client and UTC day over the last 30 days, as CSV:\n"
+                       "  appliance usage --config /etc/appliance/appliance.toml --since 30d --by client,day "
+                       "--format csv")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help="[%(default)s]")
+    p.add_argument("--since", type=parse_since, default="7d", metavar="WHEN",
+                   help="from when: 30m, 12h, 7d, 2w before now, or an ISO date or date and time in UTC "
+                   "(2026-12-01, 2026-12-01T09:00); rounded down to the hour, the ledger's unit [%(default)s]")
+    p.add_argument("--by", type=parse_by, default="client,model,day", metavar="FIELDS",
+                   help="one row per combination of these, comma-separated: client, model, day, hour (UTC) "
+                   "[%(default)s]")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="table: rich on a terminal, aligned columns when piped, with a TOTAL line; csv: a header line "
+                   "and the rows; json: a list of objects [%(default)s]")
+    p.set_defaults(func=_usage)
     return parser
 
 

@@ -115,3 +115,7 @@ UPSTREAM_ERRORS = Counter("appliance_upstream_errors", "Failures talking to llam
 REQUEST_BYTES = Counter("appliance_request_bytes", "Request body bytes forwarded.", ["route", "model"])
 RESPONSE_BYTES = Counter("appliance_response_bytes", "Response body bytes passed back.", ["route", "model"])
 EVENTS_DROPPED = Counter("appliance_events_dropped", "Events dropped (queue full or collector down).", ["sink"])
+# Counted with the usage ledger (appliance.usage.ledger), per request forwarded to a model; direction: "prompt" or
+# "completion".
+TOKENS = Counter("appliance_tokens", "Prompt and completion tokens of the requests forwarded to a model, as "
+                 "llama-server counted them.", ["client", "model", "direction"])
