@@ -14,6 +14,7 @@ from typing import Any
 
 from appliance.config import load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir
+from appliance.policy import concurrency_dir
 from appliance.proxy import retire
 from appliance.shared import hostload
 
@@ -54,6 +55,7 @@ def on_starting(server: Any) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     hostload.reset(hostload.load_dir(_cfg))
+    hostload.reset(concurrency_dir(_cfg))
 
 
 def on_reload(server: Any) -> None:
@@ -62,10 +64,11 @@ def on_reload(server: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop a dead worker's live gauges (in-flight) and its share of the host's load; its counters stay so that
-    totals never go backwards."""
+    """Drop a dead worker's live gauges (in-flight) and its share of the host's load and of its clients' concurrency;
+    its counters stay so that totals never go backwards."""
     from prometheus_client import multiprocess
 
     hostload.release_dead(hostload.load_dir(_cfg), worker.pid)
+    hostload.release_dead(concurrency_dir(_cfg), worker.pid)
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

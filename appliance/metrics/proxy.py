@@ -111,6 +111,9 @@ STREAM_EVENTS = Histogram("appliance_stream_events", "Streams: SSE events passed
 HTTP_REFUSED = Counter("appliance_http_refused", "Requests refused by the HTTP layer before routing.", ["status"])
 QUEUE_FULL = Counter("appliance_queue_full", "Requests refused with 429: parallel + max_queue already in flight.",
                      ["model"])
+POLICY_REFUSED = Counter("appliance_policy_refused", "Requests refused with 429 by their client's policy "
+                         "([clients.<name>]): its concurrency, request or token window, or daily budget.",
+                         ["client", "code"])
 UPSTREAM_ERRORS = Counter("appliance_upstream_errors", "Failures talking to llama-server.", ["model", "kind"])
 REQUEST_BYTES = Counter("appliance_request_bytes", "Request body bytes forwarded.", ["route", "model"])
 RESPONSE_BYTES = Counter("appliance_response_bytes", "Response body bytes passed back.", ["route", "model"])

@@ -18,10 +18,12 @@ PROBES = frozenset({"/health", "/livez", "/health/models/{name:path}"})
 MODEL_HEALTH = "/health/models/"
 USAGE_BODY_LIMIT = 1 << 20
 STREAM_TAIL = 8192
+STREAM_HEAD = 2048
 # OpenAI (chat, completions), Responses and Anthropic name their token counts differently.
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens")
-# A usage object holds numbers and objects of numbers ("prompt_tokens_details": {...}): one level of nesting.
-_USAGE = re.compile(rb'"usage":\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+# A usage (or timings) object holds numbers and objects of numbers ("prompt_tokens_details": {...}): one level of
+# nesting.
+_OBJECT = re.compile(rb'\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 
 
 @dataclass
@@ -47,9 +49,17 @@ class Exchange:
     load_wait_s: float | None = None
     #: The JSON body (bounded) or a stream's last STREAM_TAIL bytes or more, only to read "usage" at the end.
     kept: bytearray = field(default_factory=bytearray)
+    #: A stream's first bytes: Anthropic's stream gives the prompt's tokens only in its first event.
+    head: bytes = b""
+    #: Admitted by its client's policy and the model's queue bound, and sent on: it counts in the client's usage.
+    forwarded: bool = False
+    #: Its client's policy admission (``appliance.policy.gate.Admission``), while it counts against the client.
+    admission: Any = None
 
     def keep(self, chunk: bytes) -> None:
         if self.stream:
+            if len(self.head) < STREAM_HEAD:
+                self.head += chunk[:STREAM_HEAD]
             # Once per SSE event: an append, and a cut only now and then.
             self.kept += chunk
             if len(self.kept) > 2 * STREAM_TAIL:
@@ -58,20 +68,58 @@ class Exchange:
             self.kept += chunk
 
     def usage(self) -> dict[str, Any] | None:
-        """The last ``"usage": {...}`` object in what was kept, decoded alone (not the whole body).
+        """The last ``"usage": {...}`` object in what was kept, with the token counts only."""
+        usage = _last_object(self.kept, b'"usage":')
+        return None if usage is None else {k: v for k, v in usage.items() if k in _USAGE_KEYS}
 
-        Inside JSON strings quotes are escaped, so the unescaped key cannot come from generated text."""
-        at = self.kept.rfind(b'"usage":')
-        if at < 0:
-            return None
-        found = _USAGE.match(self.kept, at)
-        if found is None:  # "usage": null, or cut off
-            return None
-        try:
-            usage = orjson.loads(found[1])
-        except orjson.JSONDecodeError:
-            return None
-        return {k: v for k, v in usage.items() if k in _USAGE_KEYS}
+    def tokens(self) -> tuple[int, int]:
+        """(prompt, completion) tokens of the response, as llama-server counted them; (0, 0) when it says none.
+
+        The prompt's tokens include those read from the cache: OpenAI's ``prompt_tokens`` does, Anthropic's
+        ``input_tokens`` does not (``cache_read_input_tokens`` holds the rest). Streams of OpenAI's chat and text
+        completions have no usage unless the client asks for it, but their last event has llama-server's timings."""
+        usage = _last_object(self.kept, b'"usage":')
+        if usage is not None:
+            if "prompt_tokens" in usage or "completion_tokens" in usage:
+                return _int(usage, "prompt_tokens"), _int(usage, "completion_tokens")
+            if "output_tokens" in usage:
+                start = usage if "input_tokens" in usage else (_first_object(self.head, b'"usage":') or {})
+                prompt = sum(_int(start, k) for k in ("input_tokens", "cache_read_input_tokens",
+                                                      "cache_creation_input_tokens"))
+                return prompt, _int(usage, "output_tokens")
+        timings = _last_object(self.kept, b'"timings":')
+        if timings is not None:
+            return _int(timings, "cache_n") + _int(timings, "prompt_n"), _int(timings, "predicted_n")
+        return 0, 0
+
+
+def _int(doc: dict[str, Any], key: str) -> int:
+    value = doc.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _decode(data: bytes | bytearray, at: int) -> dict[str, Any] | None:
+    """The ``{...}`` object after the key found at ``at``, decoded alone (not the whole body).
+
+    Inside JSON strings quotes are escaped, so an unescaped key cannot come from generated text."""
+    found = _OBJECT.match(data, data.index(b":", at) + 1)
+    if found is None:  # null, or cut off
+        return None
+    try:
+        doc = orjson.loads(found[1])
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _last_object(data: bytes | bytearray, key: bytes) -> dict[str, Any] | None:
+    at = data.rfind(key)
+    return None if at < 0 else _decode(data, at)
+
+
+def _first_object(data: bytes, key: bytes) -> dict[str, Any] | None:
+    at = data.find(key)
+    return None if at < 0 else _decode(data, at)
 
 
 def finish(events: EventSink, ex: Exchange) -> None:

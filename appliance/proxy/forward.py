@@ -15,6 +15,7 @@ import orjson
 from appliance.config import ModelConfig
 from appliance.lifecycle.client import ManagerUnavailable, wait_loaded
 from appliance.metrics import proxy as metrics
+from appliance.policy.gate import Refusal
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import Exchange, finish
 from appliance.proxy.protocol import GONE_KEY, RECEIVE_KEY
@@ -89,22 +90,27 @@ class Forward:
     def __init__(self, rt: Runtime, route: Route) -> None:
         self.rt = rt
         self.route = route
+        #: Anthropic's routes get Anthropic's rate-limit headers.
+        self.anthropic = route.path.startswith("/v1/messages")
 
-    def _model(self, doc: Any) -> ModelConfig:
+    def _model(self, doc: Any, client: str) -> ModelConfig:
         if not isinstance(doc, dict):
             raise ApiError(400, "request body must be a JSON object", "invalid_json")
         name = doc.get("model")
         kinds = self.route.kinds
+        gate = self.rt.gate
         if name is None or name == "":
-            model = self.rt.default_model(kinds[0])
+            model = self.rt.default_model(kinds[0], gate.visible(client))
             if model is None:
                 raise ApiError(404, f"no {kinds[0]} model is configured; name one in \"model\"", "model_not_found")
             return model
         if not isinstance(name, str):
             raise ApiError(400, "\"model\" must be a string", "invalid_model")
         model = self.rt.names.get(name) or self.rt.match_pattern(name)
-        if model is None:
-            known = ", ".join(sorted(self.rt.names))
+        if model is None or not gate.allows(client, model):
+            # A model the client may not use is one it does not learn of.
+            visible = gate.visible(client)
+            known = ", ".join(sorted(n for n in self.rt.names if visible is None or n in visible))
             raise ApiError(404, f"model {name!r} does not exist; available: {known}", "model_not_found")
         if model.kind not in kinds:
             raise ApiError(400, f"model {name!r} is a {model.kind} model and cannot serve {self.route.path} "
@@ -117,7 +123,7 @@ class Forward:
             raise ApiError(503, "this server is shutting down; retry (another host)", "draining", {"Retry-After": "1"})
         receive: Receive = req.scope[RECEIVE_KEY]
         body = await read_body(req, receive, rt.cfg.server.body_limit_bytes)
-        await self._forward(req, resp, self._model(parse_json(body)), "POST", body)
+        await self._forward(req, resp, self._model(parse_json(body), req.context.exchange.client), "POST", body)
 
     async def _forward(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, model: ModelConfig, method: str,
                        body: bytes) -> None:
@@ -130,11 +136,22 @@ class Forward:
             state = rt.readiness.models[model.name].state
             raise ApiError(503, f"model {model.name!r} is not ready ({state}); retry shortly", "model_not_ready",
                            {"Retry-After": "2"})
+        admission = rt.gate.enter(ex.client, self.anthropic)
+        if isinstance(admission, Refusal):
+            metrics.POLICY_REFUSED.labels(ex.client, admission.code).inc()
+            raise ApiError(admission.status, admission.message, admission.code, admission.headers)
         # An on-demand model's request counts as in flight before its state is read (appliance.shared.modelstate).
         if not rt.try_enter(model):
+            if admission is not None:
+                rt.gate.undo(admission)
             metrics.QUEUE_FULL.labels(model.name).inc()
             raise ApiError(429, f"model {model.name!r} has {model.queue_limit} requests in flight on this host "
                            "(parallel + max_queue); retry shortly", "rate_limit_exceeded", {"Retry-After": "1"})
+        ex.forwarded = True
+        if admission is not None:
+            ex.admission = admission
+            for name, value in admission.headers:
+                resp.set_header(name, value)
         headers = {h: v for h in UPSTREAM_HEADERS if (v := req.get_header(h))}
         headers["x-request-id"] = req.context.request_id
         disconnect: asyncio.Future[None] = req.scope[GONE_KEY]()
@@ -174,7 +191,7 @@ class Forward:
             if not handed_over:
                 disconnect.cancel()
                 rt.watches.discard(disconnect)
-                rt.leave(model)
+                rt.leave(model, ex)
 
     async def _wait_loaded(self, model: ModelConfig, ex: Exchange, disconnect: asyncio.Future[None]) -> None:
         """Wait for the model manager to load ``model``. The caller has uncounted the request meanwhile and counts it
@@ -201,8 +218,9 @@ class Forward:
 
     def _done(self, model: ModelConfig, ex: Exchange, disconnect: asyncio.Future[None]) -> None:
         self.rt.watches.discard(disconnect)
-        self.rt.leave(model)
+        self.rt.leave(model, ex)
         finish(self.rt.events, ex)
+        self.rt.settle(ex)
 
     async def _send(self, model: ModelConfig, method: str, body: bytes, headers: dict[str, str],
                     disconnect: asyncio.Future[None], request_id: str) -> UpstreamResponse:
@@ -262,7 +280,8 @@ class Props(Forward):
         if self.rt.draining:
             raise ApiError(503, "this server is shutting down; retry (another host)", "draining", {"Retry-After": "1"})
         name = req.get_param("model")
-        await self._forward(req, resp, self._model({"model": name} if name else {}), "GET", b"")
+        client = req.context.exchange.client
+        await self._forward(req, resp, self._model({"model": name} if name else {}, client), "GET", b"")
 
     on_head = on_get
 

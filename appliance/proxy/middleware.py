@@ -31,6 +31,8 @@ class Middleware:
 
     async def process_startup(self, scope: MutableMapping[str, Any], event: Any) -> None:
         self.rt.load.start()
+        self.rt.gate.start()
+        await self.rt.usage.start()
         await self.rt.upstream.start()
         await self.rt.events.start()
         await self.rt.readiness.start()
@@ -43,6 +45,7 @@ class Middleware:
         self.rt.deadlines.stop()
         await self.rt.readiness.stop()
         await self.rt.events.stop()
+        await self.rt.usage.stop()
         await self.rt.upstream.close()
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
@@ -122,3 +125,5 @@ class Middleware:
                 metrics.add(metrics.REQUEST_BYTES, ex.request_bytes, ex.route, ex.model)
             if not ex.relayed:
                 finish(events, ex)
+                if ex.forwarded:
+                    self.rt.settle(ex)

@@ -45,12 +45,18 @@ class Models:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         rt = self.rt
         current = rt.readiness.current
+        # A client limited to some models sees only those (and, through the load balancer, the fleet's of them).
+        visible = rt.gate.visible(req.context.exchange.client)
         data: list[dict[str, object]] = [
             {"id": m.name, "object": "model", "created": rt.started, "owned_by": "appliance", "kind": m.kind,
              "aliases": list(m.aliases), "load": m.load, "state": current(m.name).state}
-            for m in rt.cfg.models]
+            for m in rt.cfg.models if visible is None or m.name in visible]
         here = {m.name for m in rt.cfg.models}
         for e in _fleet_models(req.get_header(FLEET_MODELS_HEADER)):
+            aliases = e["aliases"]
+            if visible is not None and not visible.intersection([e["id"], *(aliases if isinstance(aliases, list)
+                                                                            else ())]):
+                continue
             if e["id"] not in here:
                 here.add(str(e["id"]))
                 data.append({"id": e["id"], "object": "model", "created": rt.started, "owned_by": "appliance",

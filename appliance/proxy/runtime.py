@@ -12,10 +12,13 @@ from typing import Any
 from appliance.config import ApplianceConfig, ModelConfig, is_pattern, read_api_keys
 from appliance.events.sink import EventSink
 from appliance.lifecycle.client import socket_path
+from appliance.policy.gate import Gate
+from appliance.proxy.exchange import Exchange
 from appliance.proxy.readiness import Readiness
 from appliance.proxy.upstream import Upstream
 from appliance.shared.hostload import HostLoad, load_dir
 from appliance.shared.modelstate import ModelStates, state_dir
+from appliance.usage.ledger import UsageRecorder, ledger_path
 
 
 class Deadlines:
@@ -73,6 +76,10 @@ class Runtime:
         self.keys: tuple[tuple[bytes, str], ...] = ()
         if cfg.server.api_keys_file:
             self.keys = tuple((k.encode(), n) for k, n in read_api_keys(Path(cfg.server.api_keys_file)).items())
+        #: The clients' policies; without keys every request is the client "anonymous".
+        self.gate = Gate(cfg, [n for _, n in self.keys] or ["anonymous"])
+        #: Requests and tokens per client and model, for the usage ledger and appliance_tokens_total.
+        self.usage = UsageRecorder(ledger_path(cfg))
         self.cors_origins = frozenset(cfg.server.cors_allow_origins)
         self.in_flight = 0
         self.draining = False
@@ -99,9 +106,17 @@ class Runtime:
         self.in_flight += 1
         return True
 
-    def leave(self, model: ModelConfig) -> None:
+    def leave(self, model: ModelConfig, ex: Exchange) -> None:
         self.load.leave(model.name)
         self.in_flight -= 1
+        if ex.admission is not None:
+            self.gate.leave(ex.admission)
+
+    def settle(self, ex: Exchange) -> None:
+        """A request forwarded to a model is over: it goes to the ledger, and its tokens to its client's windows."""
+        prompt, completion = ex.tokens() if ex.kept else (0, 0)
+        self.usage.record(ex.client, ex.model, prompt, completion)
+        self.gate.charge(ex.client, prompt + completion)
 
     def cut(self) -> None:
         """The drain's grace period is over: end every request still in flight now, each with a proper answer (an
@@ -113,8 +128,9 @@ class Runtime:
         """The first model with an alias pattern that ``name`` matches (names clients hard-code: gpt-*, claude-*)."""
         return next((m for pattern, m in self.patterns if fnmatch.fnmatchcase(name, pattern)), None)
 
-    def default_model(self, kind: str) -> ModelConfig | None:
-        return next((m for m in self.cfg.models if m.kind == kind), None)
+    def default_model(self, kind: str, visible: frozenset[str] | None = None) -> ModelConfig | None:
+        """The first model of ``kind`` (of those a client may use, when ``visible`` names them)."""
+        return next((m for m in self.cfg.models if m.kind == kind and (visible is None or m.name in visible)), None)
 
     def key_name(self, presented: bytes) -> str | None:
         """The name of the key presented, or None. Every key is compared, so the time taken does not reveal which
