@@ -16,7 +16,7 @@ from appliance.config import load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir
 from appliance.policy import concurrency_dir
 from appliance.proxy import retire
-from appliance.shared import hostload
+from appliance.shared import admission, hostload
 
 _cfg = load(os.environ["APPLIANCE_CONFIG"], check_files=False)
 # Must be set before prometheus_client is first imported (it reads the variable at import time).
@@ -56,6 +56,7 @@ def on_starting(server: Any) -> None:
     path.mkdir(parents=True)
     hostload.reset(hostload.load_dir(_cfg))
     hostload.reset(concurrency_dir(_cfg))
+    admission.reset(admission.admission_dir(_cfg))
 
 
 def on_reload(server: Any) -> None:
@@ -64,11 +65,13 @@ def on_reload(server: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop a dead worker's live gauges (in-flight) and its share of the host's load and of its clients' concurrency;
-    its counters stay so that totals never go backwards."""
+    """Drop a dead worker's live gauges (in-flight), its share of the host's load and of its clients' concurrency, and
+    its places in the admission queues; its counters stay so that totals never go backwards."""
     from prometheus_client import multiprocess
 
-    hostload.release_dead(hostload.load_dir(_cfg), worker.pid)
+    slot = hostload.release_dead(hostload.load_dir(_cfg), worker.pid)
     hostload.release_dead(concurrency_dir(_cfg), worker.pid)
+    if slot >= 0:  # the same worker slot in the admission queues: its waiters and slots go to the others
+        admission.release_dead(admission.admission_dir(_cfg), slot, {m.name: m.parallel for m in _cfg.models})
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

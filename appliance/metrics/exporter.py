@@ -27,7 +27,7 @@ from appliance.config import ApplianceConfig, load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir, read_lifecycle_dropped, read_restarts
 from appliance.runtime.names import program_name
 from appliance.runtime.supervisor_rpc import all_process_info
-from appliance.shared import hostload, modelstate
+from appliance.shared import admission, hostload, modelstate
 from appliance.shared.modelstate import LOAD_BUCKETS, UNLOAD_REASONS
 
 log = logging.getLogger("appliance.exporter")
@@ -108,6 +108,11 @@ class Exporter:
         for name, n in hostload.in_flight(hostload.load_dir(self.cfg), (m.name for m in self.cfg.models)).items():
             in_flight.add_metric([name], float(n))
         yield in_flight
+        queued = GaugeMetricFamily("appliance_queue_waiting", "Requests waiting in the proxy for one of the model's "
+                                   "slots (every slot busy), summed over the workers.", labels=["model"])
+        for name, n in admission.waiting(admission.admission_dir(self.cfg), (m.name for m in self.cfg.models)).items():
+            queued.add_metric([name], float(n))
+        yield queued
         yield from merged.values()
         yield from lifecycle_families(self.cfg)
 

@@ -111,6 +111,9 @@ STREAM_EVENTS = Histogram("appliance_stream_events", "Streams: SSE events passed
 HTTP_REFUSED = Counter("appliance_http_refused", "Requests refused by the HTTP layer before routing.", ["status"])
 QUEUE_FULL = Counter("appliance_queue_full", "Requests refused with 429: parallel + max_queue already in flight.",
                      ["model"])
+QUEUE_WAIT_SECONDS = Histogram("appliance_queue_wait_seconds", "Time a request waited in the proxy for one of the "
+                               "model's slots (only requests that found every slot busy).", ["model"],
+                               buckets=LATENCY_BUCKETS)
 POLICY_REFUSED = Counter("appliance_policy_refused", "Requests refused with 429 by their client's policy "
                          "([clients.<name>]): its concurrency, request or token window, or daily budget.",
                          ["client", "code"])

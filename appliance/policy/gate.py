@@ -144,8 +144,8 @@ class Gate:
                             f"{p.tokens_per_day} (clients.{section}.tokens_per_day); it renews at 00:00 UTC"))
         if p.requests_per_minute and usage.requests >= p.requests_per_minute:
             reasons.append((usage.room_at(p.requests_per_minute, False, now),
-                            f"has made {usage.requests} requests in the last {WINDOW_S} s, its limit "
-                            f"(clients.{section}.requests_per_minute)"))
+                            f"has made {usage.requests} requests in the last {WINDOW_S} s, its limit is "
+                            f"{p.requests_per_minute} (clients.{section}.requests_per_minute)"))
         if p.tokens_per_minute and usage.tokens >= p.tokens_per_minute:
             reasons.append((usage.room_at(p.tokens_per_minute, True, now),
                             f"has used {usage.tokens} tokens in the last {WINDOW_S} s, its limit is "

@@ -6,8 +6,8 @@ now: a sliding window exact to the second. Checks and updates take the file's lo
 across workers, and the lock costs a system call, not a round trip. Only clients with a rate or a budget pay it.
 
 The file outlives reloads (new workers map the same file, so the counts go on) and lives as long as the runtime
-directory. When it is created (a reboot, a new client), the day's tokens come from the usage ledger, so a daily budget
-also holds across restarts.
+directory. When a worker maps it (a start, a reload), the day's tokens become at least what the usage ledger holds for
+today, so a daily budget also holds across restarts and reboots.
 """
 
 from __future__ import annotations
@@ -67,10 +67,12 @@ class Window:
             os.ftruncate(self._fd, _SIZE)
         self._v = memoryview(mmap.mmap(self._fd, _SIZE)).cast("q")
         with self._locked():
-            if not self._v[_SEEDED]:
-                self._v[_DAY] = _today()
-                self._v[_DAY_TOKENS] = seed_day_tokens()
-                self._v[_SEEDED] = 1
+            today = _today()
+            if not self._v[_SEEDED] or self._v[_DAY] != today:
+                self._v[_DAY], self._v[_DAY_TOKENS], self._v[_SEEDED] = today, 0, 1
+            # The ledger knows more when the client had no limits for a while (a reload took them away, and another
+            # brought them back): its tokens meanwhile were not counted here.
+            self._v[_DAY_TOKENS] = max(self._v[_DAY_TOKENS], seed_day_tokens())
 
     def _locked(self) -> _Lock:
         return _Lock(self._fd)

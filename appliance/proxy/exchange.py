@@ -55,6 +55,10 @@ class Exchange:
     forwarded: bool = False
     #: Its client's policy admission (``appliance.policy.gate.Admission``), while it counts against the client.
     admission: Any = None
+    #: Its place in the model's admission queue, then its slot (``appliance.policy.admission.Ticket``).
+    ticket: Any = None
+    #: Time spent in the admission queue, when every slot of the model was busy.
+    queue_wait_s: float | None = None
 
     def keep(self, chunk: bytes) -> None:
         if self.stream:
@@ -142,6 +146,8 @@ def finish(events: EventSink, ex: Exchange) -> None:
         event["first_token_ms"] = round(ex.first_event_s * 1000, 3)
     if ex.load_wait_s is not None:
         event["load_wait_ms"] = round(ex.load_wait_s * 1000, 3)
+    if ex.queue_wait_s is not None:
+        event["queue_wait_ms"] = round(ex.queue_wait_s * 1000, 3)
     usage = ex.usage() if ex.kept else None
     if usage:
         event["usage"] = usage

@@ -165,6 +165,7 @@ class Forward:
                     await self._wait_loaded(model, ex, disconnect)
                 finally:
                     rt.load.enter(model.name)
+            await self._take_slot(model, ex, disconnect)
             up = await self._send(model, method, body, headers, disconnect, req.context.request_id)
             resp.status = up.status
             for h in DOWNSTREAM_HEADERS:
@@ -192,6 +193,22 @@ class Forward:
                 disconnect.cancel()
                 rt.watches.discard(disconnect)
                 rt.leave(model, ex)
+
+    async def _take_slot(self, model: ModelConfig, ex: Exchange, disconnect: asyncio.Future[None]) -> None:
+        """One of the model's slots, at once while one is free; else after the requests of other clients ahead of it
+        in the fair order (``appliance.shared.admission``)."""
+        rt = self.rt
+        ticket = ex.ticket = rt.fair.enter(model.name, ex.client, rt.gate.policy(ex.client).weight)
+        if ticket.ready is None:
+            return
+        granted = await rt.fair.wait(ticket, disconnect)
+        ex.queue_wait_s = ticket.waited_s
+        metrics.observe(metrics.QUEUE_WAIT_SECONDS, ticket.waited_s, model.name)
+        if not granted:
+            if disconnect.cancelled():
+                raise ApiError(503, "this server is shutting down and its grace period is over; retry (another "
+                               "host)", "draining", {"Retry-After": "1"})
+            raise ApiError(499, "client closed the request", "client_closed")
 
     async def _wait_loaded(self, model: ModelConfig, ex: Exchange, disconnect: asyncio.Future[None]) -> None:
         """Wait for the model manager to load ``model``. The caller has uncounted the request meanwhile and counts it

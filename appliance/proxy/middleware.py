@@ -32,6 +32,7 @@ class Middleware:
     async def process_startup(self, scope: MutableMapping[str, Any], event: Any) -> None:
         self.rt.load.start()
         self.rt.gate.start()
+        self.rt.fair.start()
         await self.rt.usage.start()
         await self.rt.upstream.start()
         await self.rt.events.start()
@@ -43,6 +44,7 @@ class Middleware:
     async def process_shutdown(self, scope: MutableMapping[str, Any], event: Any) -> None:
         metrics.flush()
         self.rt.deadlines.stop()
+        self.rt.fair.stop()
         await self.rt.readiness.stop()
         await self.rt.events.stop()
         await self.rt.usage.stop()

@@ -16,6 +16,7 @@ from appliance.policy.gate import Gate
 from appliance.proxy.exchange import Exchange
 from appliance.proxy.readiness import Readiness
 from appliance.proxy.upstream import Upstream
+from appliance.shared.admission import FairShare, admission_dir
 from appliance.shared.hostload import HostLoad, load_dir
 from appliance.shared.modelstate import ModelStates, state_dir
 from appliance.usage.ledger import UsageRecorder, ledger_path
@@ -78,6 +79,9 @@ class Runtime:
             self.keys = tuple((k.encode(), n) for k, n in read_api_keys(Path(cfg.server.api_keys_file)).items())
         #: The clients' policies; without keys every request is the client "anonymous".
         self.gate = Gate(cfg, [n for _, n in self.keys] or ["anonymous"])
+        #: The model's slots, shared fairly between the clients waiting for them (after the queue bound).
+        self.fair = FairShare(admission_dir(cfg), {m.name: m.parallel for m in cfg.models},
+                              lambda: self.load.slot, lambda: self.load.high)
         #: Requests and tokens per client and model, for the usage ledger and appliance_tokens_total.
         self.usage = UsageRecorder(ledger_path(cfg))
         self.cors_origins = frozenset(cfg.server.cors_allow_origins)
@@ -111,6 +115,9 @@ class Runtime:
         self.in_flight -= 1
         if ex.admission is not None:
             self.gate.leave(ex.admission)
+        if ex.ticket is not None:
+            self.fair.leave(ex.ticket)
+            ex.ticket = None
 
     def settle(self, ex: Exchange) -> None:
         """A request forwarded to a model is over: it goes to the ledger, and its tokens to its client's windows."""

@@ -113,6 +113,17 @@ class HostLoad:
             view[self._slot] = 0
             self._counts[name] = view
 
+    @property
+    def slot(self) -> int:
+        """This worker's slot (claimed by ``start``)."""
+        return self._slot
+
+    @property
+    def high(self) -> int:
+        """The number of slots ever claimed: the live workers' slots are below it."""
+        assert self._owners is not None
+        return int(self._owners[_HIGH])
+
     def try_enter(self, model: str, limit: int) -> bool:
         """Count one more request for ``model`` unless the host already has ``limit`` in flight."""
         counts = self._counts[model]
@@ -165,15 +176,16 @@ def admitted(directory: Path, models: Iterable[str]) -> dict[str, int]:
     return totals
 
 
-def release_dead(directory: Path, pid: int) -> None:
-    """Zero the counters of the dead worker ``pid`` (run by the arbiter)."""
+def release_dead(directory: Path, pid: int) -> int:
+    """Zero the counters of the dead worker ``pid`` (run by the arbiter); its slot, or -1 when it had none."""
     try:
         slots = memoryview(_map(directory / "slots", (SLOTS + 1) * _COUNTER.size)).cast("q")
     except OSError:
-        return
+        return -1
     for slot, owner in enumerate(slots[:SLOTS]):
         if owner == pid:
             slots[slot] = 0
             for path in directory.glob("*.count"):
                 memoryview(_map(path, _MODEL_FILE_SIZE)).cast("q")[slot] = 0
-            return
+            return slot
+    return -1
