@@ -59,6 +59,7 @@ class Exchange:
     ticket: Any = None
     #: Time spent in the admission queue, when every slot of the model was busy.
     queue_wait_s: float | None = None
+    _usage: dict[str, Any] | None = None
 
     def keep(self, chunk: bytes) -> None:
         if self.stream:
@@ -71,9 +72,15 @@ class Exchange:
         elif len(self.kept) < USAGE_BODY_LIMIT:
             self.kept += chunk
 
+    def _last_usage(self) -> dict[str, Any] | None:
+        """The last ``"usage": {...}`` object in what was kept, read once for the event and the ledger."""
+        if self._usage is None:
+            self._usage = _last_object(self.kept, b'"usage":') or {}
+        return self._usage or None
+
     def usage(self) -> dict[str, Any] | None:
-        """The last ``"usage": {...}`` object in what was kept, with the token counts only."""
-        usage = _last_object(self.kept, b'"usage":')
+        """The last usage object, with the token counts only."""
+        usage = self._last_usage()
         return None if usage is None else {k: v for k, v in usage.items() if k in _USAGE_KEYS}
 
     def tokens(self) -> tuple[int, int]:
@@ -82,7 +89,7 @@ class Exchange:
         The prompt's tokens include those read from the cache: OpenAI's ``prompt_tokens`` does, Anthropic's
         ``input_tokens`` does not (``cache_read_input_tokens`` holds the rest). Streams of OpenAI's chat and text
         completions have no usage unless the client asks for it, but their last event has llama-server's timings."""
-        usage = _last_object(self.kept, b'"usage":')
+        usage = self._last_usage()
         if usage is not None:
             if "prompt_tokens" in usage or "completion_tokens" in usage:
                 return _int(usage, "prompt_tokens"), _int(usage, "completion_tokens")

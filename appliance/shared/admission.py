@@ -263,6 +263,12 @@ class FairShare:
     def leave(self, ticket: Ticket) -> None:
         """The request is over, or gave up its place: free what it holds, and grant the slot to the next waiter."""
         m = self._models[ticket.model]
+        if ticket.ready is None or ticket.ready.done():
+            m.v[_RUNNING + self._slot()] -= 1
+            if not m.v[_WAITING]:
+                # Nothing to hand over: no lock. A request queued just now, having seen this slot still busy, finds
+                # it free at its next look (RECHECK_S).
+                return
         woken: set[int] = set()
         with m.lock():
             if ticket.ready is not None and not ticket.ready.done():
@@ -271,8 +277,6 @@ class FairShare:
                 i = m.find(ticket.seq)
                 if i >= 0:
                     m.remove(i)
-            else:
-                m.v[_RUNNING + self._slot()] -= 1
             if m.v[_WAITING]:
                 woken = m.grant(self._high())
         self._wake(woken)
