@@ -18,6 +18,7 @@ import openai
 import pytest
 import testinfra
 
+from appliance.config.load import key_label
 from tests.deploy.conftest import API_KEY, Deployment
 from tests.deploy.lab import MIRRORED
 from tests.helpers import REPO
@@ -122,6 +123,24 @@ def test_an_operator_sees_the_host_at_a_glance_without_root(deployment: Deployme
     deployment.sh("id nobody")
     other = deployment.sh("runuser -u nobody -- /usr/local/bin/appliance-status; echo rc=$?", check=False)
     assert "rc=1" in other, other
+
+
+def test_client_policies_apply_and_an_operator_reads_the_usage_ledger(deployment: Deployment) -> None:
+    client = key_label(API_KEY)  # the name of a bare key
+    deployment.vars["appliance_clients"] = {client: {"models": ["gemma"], "requests_per_minute": 100000}}
+    deployment.play(overrides={"appliance_operators": ["ops"]}).ok()
+    out = openai.OpenAI(base_url=deployment.url() + "/v1", api_key=API_KEY, max_retries=0, timeout=120
+                        ).completions.with_raw_response.create(model="gemma", prompt="Hi", max_tokens=2)
+    assert out.headers["x-ratelimit-limit-requests"] == "100000"
+    assert deployment.sh("stat -c '%U:%G %a' /var/lib/appliance /var/lib/appliance/usage.sqlite3").split() == \
+        ["appliance:appliance", "750", "appliance:appliance", "640"]
+    deadline = time.monotonic() + 10  # written about once a second
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not rows:
+        rows = json.loads(deployment.sh("runuser -u ops -- /opt/appliance/venv/bin/appliance usage --config "
+                                        "/etc/appliance/appliance.toml --by client --format json"))
+        time.sleep(0.5)
+    assert rows and rows[0]["client"] == client and rows[0]["requests"] >= 1, rows
 
 
 def test_listening_sockets_public_port_on_lan_address_only(deployment: Deployment) -> None:
@@ -274,8 +293,17 @@ def test_systemctl_stop_lets_a_stream_finish_and_leaves_nothing(deployment: Depl
     deployment.wait_running()
 
 
+def ledger(d: Deployment) -> tuple[str, int]:
+    """The usage ledger's integrity check and its count of requests."""
+    script = ("import sqlite3; c = sqlite3.connect('/var/lib/appliance/usage.sqlite3'); print(c.execute('pragma "
+              "integrity_check').fetchone()[0], c.execute('select sum(requests) from usage').fetchone()[0])")
+    out = d.sh(f'runuser -u appliance -- /opt/appliance/venv/bin/python -c "{script}"').split()
+    return out[0], int(out[1])
+
+
 def test_kill_9_of_supervisord_restarts_the_unit_and_the_models(deployment: Deployment) -> None:
     deployment.wait_running()
+    _, requests_before = ledger(deployment)
     before = deployment.pids()
     deployment.sh(f"kill -9 {before['supervisord']}")
     deadline = time.monotonic() + 60
@@ -288,6 +316,9 @@ def test_kill_9_of_supervisord_restarts_the_unit_and_the_models(deployment: Depl
     assert all(m["state"] == "ready" for m in doc["models"].values())
     deployment.wait_running()
     after = deployment.pids()
+    # The usage ledger came through: the file is whole, and what was written before is there.
+    check, requests = ledger(deployment)
+    assert check == "ok" and requests >= requests_before > 0, (check, requests, requests_before)
     assert after["supervisord"] != before["supervisord"]
     assert after["model-gemma"] != before["model-gemma"]
     # No orphan of the killed supervisord survived next to the new one.
