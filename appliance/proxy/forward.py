@@ -20,7 +20,7 @@ from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import Exchange, finish
 from appliance.proxy.protocol import GONE_KEY, RECEIVE_KEY
 from appliance.proxy.relay import relay
-from appliance.proxy.routes import Route
+from appliance.proxy.routes import Route, is_anthropic
 from appliance.proxy.runtime import Runtime
 from appliance.proxy.upstream import UpstreamError, UpstreamResponse
 from appliance.shared.modelstate import READY
@@ -91,7 +91,7 @@ class Forward:
         self.rt = rt
         self.route = route
         #: Anthropic's routes get Anthropic's rate-limit headers.
-        self.anthropic = route.path.startswith("/v1/messages")
+        self.anthropic = is_anthropic(route.path)
 
     def _model(self, doc: Any, client: str) -> ModelConfig:
         if not isinstance(doc, dict):

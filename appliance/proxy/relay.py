@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import sse_error_event
 from appliance.proxy.exchange import Exchange
+from appliance.proxy.routes import is_anthropic
 from appliance.proxy.upstream import Broken, UpstreamError, UpstreamResponse
 
 
@@ -40,12 +41,13 @@ async def relay(up: UpstreamResponse, disconnect: asyncio.Future[None], ex: Exch
         if disconnect.done():
             if disconnect.cancelled() and ex.stream:  # cut by the worker's shutdown, the client is still there
                 yield sse_error_event("the server is shutting down and its grace period is over; the answer is "
-                                      "incomplete", "draining")
+                                      "incomplete", "draining", is_anthropic(ex.route))
             return
         up.close()
         metrics.UPSTREAM_ERRORS.labels(ex.model, "mid-stream").inc()
         if ex.stream:
-            yield sse_error_event(f"model {ex.model!r} failed mid-stream; the answer is incomplete", "upstream_error")
+            yield sse_error_event(f"model {ex.model!r} failed mid-stream; the answer is incomplete", "upstream_error",
+                                  is_anthropic(ex.route))
             return
         raise UpstreamError("reset", f"connection to llama-server broke: {e}") from e
     finally:

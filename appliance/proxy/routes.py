@@ -53,6 +53,15 @@ ROUTES: tuple[Route, ...] = (
     Route("/apply-template", CHAT, "the prompt the model's chat template makes of a message list"),
 )
 
+#: The Anthropic Messages API's routes: under this prefix, the proxy's own errors are in Anthropic's shape.
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def is_anthropic(path: str) -> bool:
+    """Whether ``path`` is one of Anthropic's routes, or an unknown path under them (an Anthropic client's typo)."""
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
 #: GET only (``forward.Props``): the model's settings; POST /props is refused.
 PROPS = Route("/props", ANY_KIND, "the model's settings (context size, chat template, ...), read-only; `?model=NAME`")
 

@@ -63,6 +63,19 @@ def test_anthropic_messages_with_the_anthropic_sdk(api: Appliance) -> None:
             model="gemma-3-270m", max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
 
 
+def test_anthropic_errors_in_anthropics_shape_with_the_anthropic_sdk(api: Appliance) -> None:
+    client = anthropic.Anthropic(base_url=api.url, api_key=KEY, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.messages.create(model="no-such-model", max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+    err = caught.value
+    assert err.type == "not_found_error" and err.api_message and "no-such-model" in err.api_message
+    assert err.body == err.response.json() == {"type": "error", "error": {
+        "type": "not_found_error", "message": err.api_message, "code": "model_not_found"}}
+    # The OpenAI routes keep OpenAI's shape.
+    r = httpx.post(api.url + "/v1/chat/completions", headers=_headers(), json={"model": "no-such-model"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_native_routes(api: Appliance) -> None:
     tok = httpx.post(api.url + "/tokenize", headers=_headers(), json={"content": "Hello world"})
     assert tok.status_code == 200
