@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Appliance, chat_model, serving
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, write_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -173,11 +173,23 @@ def test_a_daily_budget_holds_across_a_reload(app: Appliance) -> None:
     with pytest.raises(openai.RateLimitError):  # x-should-retry: false, so the SDK does not retry in vain
         oai(app, "budget", retries=2).chat.completions.create(model="chat", max_tokens=2, messages=HI)
     assert time.monotonic() - t0 < 2
+    reload(app)
+    refused_for_the_day(post(app, "budget"))
+    assert post(app, "team").status_code == 200
+    # A reload applies a changed policy at once, and its counts go on.
+    reload(app, {**CLIENTS, "budget": {"tokens_per_day": 10**6}})
+    assert post(app, "budget").status_code == 200
+    reload(app, CLIENTS)
+    refused_for_the_day(post(app, "budget"))
+
+
+def reload(app: Appliance, clients: dict[str, Any] | None = None) -> None:
+    if clients is not None:
+        app.doc["clients"] = clients
+        write_config(app.config, app.doc)
     r = subprocess.run([sys.executable, "-m", "appliance", "reload", "--config", str(app.config)],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    refused_for_the_day(post(app, "budget"))
-    assert post(app, "team").status_code == 200
 
 
 def test_the_ledger_equals_the_usage_the_clients_were_told(app: Appliance) -> None:
