@@ -49,6 +49,7 @@ from uvicorn.server import ServerState
 from appliance.config import ServerConfig
 from appliance.metrics import proxy as metrics
 from appliance.proxy.errors import error_body
+from appliance.proxy.routes import is_anthropic
 
 #: The scope key of :meth:`LimitedHttpProtocol.watch_gone`.
 GONE_KEY = "appliance.watch_gone"
@@ -419,7 +420,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _error_response(self, status: int, code: str, message: str) -> bytes:
-        body = error_body(status, message, code)
+        # An Anthropic client gets Anthropic's shape here too (a Content-Length over the limit, for one).
+        body = error_body(status, message, code, is_anthropic(self.url.partition(b"?")[0].decode("latin-1")))
         parts = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             parts += [name, b": ", value, b"\r\n"]

@@ -87,6 +87,8 @@ def test_anthropics_routes_answer_in_anthropics_shape(proxy: Proxy, path: str) -
     assert _anthropic_error(r)["type"] == "invalid_request_error" and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(proxy.url + path, content=_chunked(b"x" * 5000))  # over the limit, found while read
     assert r.status_code == 413 and _anthropic_error(r)["type"] == "request_too_large"
+    r = httpx.post(proxy.url + path, content=b"x" * 5000)  # over the limit, declared: the HTTP layer answers
+    assert r.status_code == 413 and _anthropic_error(r)["type"] == "request_too_large"
 
 
 def test_falcons_own_404_and_405_under_v1_messages_are_anthropic_shaped(proxy: Proxy) -> None:
