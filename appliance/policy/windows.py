@@ -12,7 +12,6 @@ today, so a daily budget also holds across restarts and reboots.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import math
 import mmap
@@ -21,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from appliance.shared.filelock import Locked
 
 WINDOW_S = 60
 DAY_S = 86400
@@ -74,8 +75,8 @@ class Window:
             # brought them back): its tokens meanwhile were not counted here.
             self._v[_DAY_TOKENS] = max(self._v[_DAY_TOKENS], seed_day_tokens())
 
-    def _locked(self) -> _Lock:
-        return _Lock(self._fd)
+    def _locked(self) -> Locked:
+        return Locked(self._fd)
 
     def _usage(self, now: float) -> Usage:
         v = self._v
@@ -124,19 +125,6 @@ class Window:
             self._usage(now)  # rolls the day over
             self._v[self._bucket(now) + 2] += tokens
             self._v[_DAY_TOKENS] += tokens
-
-
-class _Lock:
-    __slots__ = ("_fd",)
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def __enter__(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
 
 def _today() -> int:

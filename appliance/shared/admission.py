@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import mmap
 import os
@@ -29,6 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
+from appliance.shared.filelock import Locked
 
 RECHECK_S = 0.25
 SLOTS = 256  # as many as the in-flight counters' worker slots (appliance.shared.hostload)
@@ -84,7 +84,7 @@ class _Model:
         self.parallel = parallel
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
-        return _Locked(self.fd)
+        return Locked(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -143,19 +143,6 @@ class _Model:
             i = (i + 1) % CLIENTS
         # Full (more than CLIENTS clients since the proxy started): the oldest share one entry; tags stay ordered.
         return _CLIENT + 2 * (client % CLIENTS) + 1
-
-
-class _Locked:
-    __slots__ = ("_fd",)
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def __enter__(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
 
 class Ticket:

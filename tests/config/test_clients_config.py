@@ -5,26 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from appliance.config import UNLIMITED, ClientPolicy, parse
 from tests.config.test_config import base_doc, problems, run_check
 from tests.helpers import render_toml
 
 
-@pytest.fixture()
-def tree(tmp_path: Path) -> Path:
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "models").mkdir()
-    binary = tmp_path / "bin" / "llama-server"
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(0o755)
-    (tmp_path / "models" / "m.gguf").write_bytes(b"not a gguf")
-    (tmp_path / "keys").write_text("team: sk-team\nbatch-job: sk-batch\neditor.vim: sk-editor\n")
-    return tmp_path
-
-
 def doc_with(tree: Path, clients: dict[str, Any]) -> dict[str, Any]:
+    (tree / "keys").write_text("team: sk-team\nbatch-job: sk-batch\neditor.vim: sk-editor\n")
     doc = base_doc(tree)
     doc["server"]["api_keys_file"] = str(tree / "keys")
     doc["models"][0]["aliases"] = ["gpt-4o", "gpt-*"]

@@ -8,24 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from appliance.config import parse
 from appliance.runtime.launcher import build_argv
 from tests.config.test_config import base_doc, problems, run_check
 from tests.e2e.conftest import MODEL_FILE, MODELS
 from tests.helpers import render_toml
-
-
-@pytest.fixture()
-def tree(tmp_path: Path) -> Path:
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "models").mkdir()
-    binary = tmp_path / "bin" / "llama-server"
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(0o755)
-    (tmp_path / "models" / "m.gguf").write_bytes(b"not a gguf")
-    return tmp_path
 
 
 def models(doc: dict[str, Any], *changes: dict[str, Any]) -> dict[str, Any]:
