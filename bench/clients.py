@@ -1,6 +1,6 @@
 """Clients: what the per-client policies cost on the request path, and what fair sharing gives a client next to a flood.
 
-Usage: python -m bench.clients [--rounds 5] [--seconds 4] [--flood 12] [--singles 5] [--only policies|neighbour]
+Usage: python -m bench.clients [--rounds 5] [--seconds 4] [--flood 16] [--singles 5] [--only policies|neighbour]
 
 1. Policies (the nginx stub of bench.proxy_overhead as the upstream; wrk with one thread). Two appliance proxies run
    side by side in front of the same stub, with the same config except one thing:
@@ -25,10 +25,12 @@ Usage: python -m bench.clients [--rounds 5] [--seconds 4] [--flood 12] [--single
    (request sent to last byte) is measured three ways: with no flood (the baseline, direct and through the appliance,
    interleaved), with the flood straight to llama-server (first come, first served: it waits behind the whole flood)
    and with both through the appliance (its admission queue hands the next free slot to the client whose turn it is:
-   about one generation). The flood's tokens/s (its token events received in the same --window seconds from the single
-   client's first request, both ways; longer when the single client's requests straight to llama-server take longer)
-   says whether fairness costs the flood throughput; with every single request inside the window both ways, the
-   single client's work in it is the same, and so is what is left for the flood unless the proxy loses some.
+   about one generation); so is its wait for its first token, in generations (the single request alone through the
+   appliance), with the goal: at most 1.5 with fair sharing. The flood's tokens/s (its token events received in the
+   same --window seconds from the single client's first request, both ways; longer when the single client's requests
+   straight to llama-server take longer) says whether fairness costs the flood throughput; with every single request
+   inside the window both ways, the single client's work in it is the same, and so is what is left for the flood
+   unless the proxy loses some.
 
 Everything listens on 127.0.0.1 and is stopped at the end. Compare figures from the same run only.
 """
@@ -59,6 +61,7 @@ from bench.common import (
     MODEL_FILE,
     MODELS,
     PYTHON,
+    STUB_PARALLEL,
     Children,
     appliance_config,
     base_parser,
@@ -81,11 +84,11 @@ from bench.common import (
 )
 
 GOAL_THROUGHPUT = 0.95  # with / without policies, requests per second at c=16
+GOAL_WAIT = 1.5  # the single client's median wait for its first token next to the flood, in generations
 CONFIGS = ("without", "with")
 # Every check runs, none refuses: limits far above anything a run sends.
 POLICY: dict[str, Any] = {"models": ["bench"], "max_concurrent": 100_000, "requests_per_minute": 10**9,
                           "tokens_per_minute": 10**12, "tokens_per_day": 10**15}
-STUB_PARALLEL = 64
 
 CHAT_MODEL = "chat"
 PROMPT = "Tell me about the history of the city of Paris."
@@ -116,7 +119,7 @@ def policies(args: argparse.Namespace, tmp: Path) -> None:
     with Children() as kids:
         say("policies: starting the nginx stub and two appliance proxies (without and with a client policy)")
         stub_port, _ = start_stub_nginx(kids, tmp / "stub")
-        model = {**stub_model(stub_port), "parallel": STUB_PARALLEL}
+        model = stub_model(stub_port)
         urls: dict[str, str] = {}
         roots: dict[str, int] = {}
         for name in CONFIGS:
@@ -205,6 +208,8 @@ def _report_policies(points: dict[tuple[str, int], list[Point]], levels: list[in
 @dataclass
 class Phase:
     latencies_s: list[float]
+    #: The single client's waits for its first token.
+    first_token_s: list[float]
     window_s: float
     flood_tokens: int  # token events of the flood received in the window
     single_tokens: int
@@ -220,9 +225,11 @@ class Phase:
 
 
 async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-               stamps: list[float]) -> float:
-    """One streamed chat completion; the time to its last byte. Each content event's arrival goes to ``stamps``."""
+               stamps: list[float]) -> tuple[float, float]:
+    """One streamed chat completion; the time to its last byte and to its first token. Each content event's arrival
+    goes to ``stamps``."""
     t0 = time.perf_counter()
+    first = 0.0
     async with session.post(url, data=body, headers=headers) as resp:
         if resp.status != 200:
             raise RuntimeError(f"{url}: HTTP {resp.status}: {(await resp.read())[:300]!r}")
@@ -231,7 +238,8 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
                 choices = json.loads(line[6:]).get("choices") or [{}]
                 if (choices[0].get("delta") or {}).get("content"):
                     stamps.append(time.perf_counter())
-    return time.perf_counter() - t0
+                    first = first or stamps[-1] - t0
+    return time.perf_counter() - t0, first
 
 
 async def _phase(flood_url: str | None, single_url: str, body: bytes, args: argparse.Namespace,
@@ -268,6 +276,7 @@ async def _phase(flood_url: str | None, single_url: str, body: bytes, args: argp
             if tasks:
                 await asyncio.sleep(args.settle)  # the flood fills llama-server's queue, or the proxy's
             latencies: list[float] = []
+            first_tokens: list[float] = []
             t0 = time.perf_counter()
             for i in range(args.singles):
                 if i:
@@ -275,8 +284,10 @@ async def _phase(flood_url: str | None, single_url: str, body: bytes, args: argp
                 if time.perf_counter() - t0 > args.phase_limit:
                     say(f"  the phase ran past --phase-limit {args.phase_limit:g} s: {i} single request(s) only")
                     break
-                latencies.append(await _one(single_session, single_url, body, single_headers, single_stamps))
-                say(f"  single request {i + 1}/{args.singles}: {latencies[-1]:.2f} s")
+                latency, first_token = await _one(single_session, single_url, body, single_headers, single_stamps)
+                latencies.append(latency)
+                first_tokens.append(first_token)
+                say(f"  single request {i + 1}/{args.singles}: {latency:.2f} s, first token after {first_token:.2f} s")
             if tasks:
                 await asyncio.sleep(max(0.0, t0 + window_s - time.perf_counter()))
             t1 = time.perf_counter()
@@ -286,7 +297,8 @@ async def _phase(flood_url: str | None, single_url: str, body: bytes, args: argp
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     flood_tokens = sum(1 for s in flood_stamps if t0 <= s <= t1)
-    return Phase(latencies, t1 - t0, flood_tokens, sum(1 for s in single_stamps if t0 <= s <= t1), len(errors))
+    single_tokens = sum(1 for s in single_stamps if t0 <= s <= t1)
+    return Phase(latencies, first_tokens, t1 - t0, flood_tokens, single_tokens, len(errors))
 
 
 async def _drain(url: str) -> None:
@@ -381,6 +393,14 @@ def _report_neighbour(base: dict[str, list[float]], phases: dict[str, Phase]) ->
           f"{median(d.latencies_s) / median(a.latencies_s):.1f} x")
     print(f"flood tokens/s appliance / direct: {a.flood_tps / d.flood_tps:.3f} "
           f"(all tokens/s: {a.total_tps / d.total_tps:.3f})")
+    # One generation: the single request alone through the appliance, first byte to last.
+    generation = median(base["appliance"])
+    waits = {name: median(p.first_token_s) / generation for name, p in phases.items()}
+    print(f"the single client's median wait for its first token next to the flood, in generations "
+          f"({generation:.2f} s): fair sharing off (llama-server's own queue) {waits['direct']:.2f}, "
+          f"on (through the appliance) {waits['appliance']:.2f}")
+    print(f"goal: <= {GOAL_WAIT} generations with fair sharing: "
+          f"{'met' if waits['appliance'] <= GOAL_WAIT else 'NOT met'}")
     print()
 
 
@@ -396,12 +416,12 @@ def main() -> int:
     g.add_argument("--rounds", type=int, default=5, help="rounds per concurrency, alternating the order (default 5)")
     g.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="wrk connections (default 1 16)")
     g = parser.add_argument_group("2. noisy neighbour")
-    g.add_argument("--flood", type=int, default=12, help="the flood's requests in flight (default 12)")
+    g.add_argument("--flood", type=int, default=16, help="the flood's requests in flight (default 16)")
     g.add_argument("--singles", type=int, default=5, help="the single client's requests per phase (default 5)")
     g.add_argument("--interval", type=float, default=2.0,
                    help="seconds between the end of a single request and the next (default 2)")
     g.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
-    g.add_argument("--parallel", type=int, default=1, help="the model's slots (llama-server --parallel, default 1)")
+    g.add_argument("--parallel", type=int, default=2, help="the model's slots (llama-server --parallel, default 2)")
     g.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="llama-server --threads (default: all cores but one)")
     g.add_argument("--settle", type=float, default=2.0,

@@ -293,9 +293,16 @@ def appliance_config(tmp: Path, models: list[dict[str, Any]], binary: Path | Non
     return path, port
 
 
+#: A stub serves any number of requests at once: its model's slots are above every concurrency the benchmarks use, so
+#: the proxy's admission queue (which holds requests beyond ``parallel``) never holds one.
+STUB_PARALLEL = 64
+
+
 def stub_model(port: int) -> dict[str, Any]:
-    """A chat model served by a stub; its queue bound (parallel + max_queue) must not refuse the benchmark's load."""
-    return {"name": "bench", "file": "bench.gguf", "kind": "chat", "port": port, "parallel": 1, "max_queue": 100_000}
+    """A chat model served by a stub; its slots and queue bound (parallel + max_queue) never hold the benchmark's
+    load back."""
+    return {"name": "bench", "file": "bench.gguf", "kind": "chat", "port": port, "parallel": STUB_PARALLEL,
+            "max_queue": 100_000}
 
 
 def start_appliance_proxy(kids: Children, tmp: Path, config: Path, port: int, tree: Path | None = None

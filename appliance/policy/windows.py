@@ -25,8 +25,11 @@ from appliance.shared.filelock import Locked
 
 WINDOW_S = 60
 DAY_S = 86400
-# Layout, in int64 words: whether the day was seeded, the day (days since the epoch), its tokens, then the ring.
-_SEEDED, _DAY, _DAY_TOKENS, _RING = 0, 1, 2, 3
+# Layout, in int64 words: whether the day was seeded, the day (days since the epoch), its tokens; the newest second
+# the ring holds, the window's totals and the newest second with a request (a token); then the ring, 60 times
+# (second, requests, tokens). The totals are kept as seconds enter and leave, so a check reads two words.
+_SEEDED, _DAY, _DAY_TOKENS, _NOW, _REQUESTS, _TOKENS, _LAST_REQUEST, _LAST_TOKEN = range(8)
+_RING = 8
 _WORDS = _RING + 3 * WINDOW_S
 _SIZE = 8 * _WORDS
 
@@ -41,13 +44,13 @@ class Usage:
     #: When the newest request (token) in the window leaves it: the windows are then back to their full limits.
     requests_reset_at: float
     tokens_reset_at: float
-    #: The seconds still in the window, oldest first: (second, requests, tokens).
-    buckets: tuple[tuple[int, int, int], ...]
+    #: The seconds in the window, oldest first: (second, requests, tokens); read only to tell a refused client when.
+    buckets: Callable[[], list[tuple[int, int, int]]]
 
     def room_at(self, limit: int, tokens: bool, now: float) -> float:
-        """When the window falls below ``limit`` again (requests, or tokens), as buckets leave it."""
+        """When the window falls below ``limit`` again (requests, or tokens), as seconds leave it."""
         used = self.tokens if tokens else self.requests
-        for second, requests, spent in self.buckets:
+        for second, requests, spent in self.buckets():
             used -= spent if tokens else requests
             if used < limit:
                 return second + WINDOW_S
@@ -78,39 +81,39 @@ class Window:
     def _locked(self) -> Locked:
         return Locked(self._fd)
 
-    def _usage(self, now: float) -> Usage:
+    def _advance(self, now: float) -> int:
+        """Move the window to ``now``: the seconds that left it leave the totals (at most 60 steps, none within the
+        same second). The ring index of the current second; under the lock."""
         v = self._v
         second = int(now)
-        if v[_DAY] != int(now // DAY_S):
-            v[_DAY] = int(now // DAY_S)
-            v[_DAY_TOKENS] = 0
-        buckets = []
-        for i in range(_RING, _WORDS, 3):
-            if second - WINDOW_S < v[i] <= second and (v[i + 1] or v[i + 2]):
-                buckets.append((v[i], v[i + 1], v[i + 2]))
-        buckets.sort()
-        requests = sum(b[1] for b in buckets)
-        tokens = sum(b[2] for b in buckets)
-        last_request = max((b[0] for b in buckets if b[1]), default=None)
-        last_token = max((b[0] for b in buckets if b[2]), default=None)
-        return Usage(requests, tokens, v[_DAY_TOKENS],
-                     now if last_request is None else last_request + WINDOW_S,
-                     now if last_token is None else last_token + WINDOW_S, tuple(buckets))
+        if second > v[_NOW]:
+            for s in range(max(v[_NOW] + 1, second - WINDOW_S + 1), second + 1):
+                i = _RING + 3 * (s % WINDOW_S)
+                v[_REQUESTS] -= v[i + 1]
+                v[_TOKENS] -= v[i + 2]
+                v[i], v[i + 1], v[i + 2] = s, 0, 0
+            v[_NOW] = second
+            if v[_DAY] != second // DAY_S:
+                v[_DAY], v[_DAY_TOKENS] = second // DAY_S, 0
+        # A clock set back counts in the newest second the ring holds.
+        return _RING + 3 * (v[_NOW] % WINDOW_S)
 
-    def _bucket(self, now: float) -> int:
-        """The ring index of the current second's bucket, emptied first if it held an older second."""
-        second = int(now)
-        i = _RING + 3 * (second % WINDOW_S)
-        if self._v[i] != second:
-            self._v[i], self._v[i + 1], self._v[i + 2] = second, 0, 0
-        return i
+    def _buckets(self) -> list[tuple[int, int, int]]:
+        v = self._v
+        return sorted((v[i], v[i + 1], v[i + 2]) for i in range(_RING, _WORDS, 3) if v[i + 1] or v[i + 2])
 
     def admit(self, now: float, accept: Callable[[Usage], bool]) -> Usage:
         """The windows now; when ``accept`` says yes to them, this request is counted in them, atomically."""
+        v = self._v
         with self._locked():
-            usage = self._usage(now)
+            i = self._advance(now)
+            usage = Usage(v[_REQUESTS], v[_TOKENS], v[_DAY_TOKENS],
+                          v[_LAST_REQUEST] + WINDOW_S if v[_REQUESTS] else now,
+                          v[_LAST_TOKEN] + WINDOW_S if v[_TOKENS] else now, self._buckets)
             if accept(usage):
-                self._v[self._bucket(now) + 1] += 1
+                v[i + 1] += 1
+                v[_REQUESTS] += 1
+                v[_LAST_REQUEST] = v[i]
             return usage
 
     def undo(self, at: float) -> None:
@@ -119,12 +122,16 @@ class Window:
             i = _RING + 3 * (int(at) % WINDOW_S)
             if self._v[i] == int(at) and self._v[i + 1] > 0:
                 self._v[i + 1] -= 1
+                self._v[_REQUESTS] -= 1
 
     def charge(self, tokens: int, now: float) -> None:
+        v = self._v
         with self._locked():
-            self._usage(now)  # rolls the day over
-            self._v[self._bucket(now) + 2] += tokens
-            self._v[_DAY_TOKENS] += tokens
+            i = self._advance(now)
+            v[i + 2] += tokens
+            v[_TOKENS] += tokens
+            v[_LAST_TOKEN] = v[i]
+            v[_DAY_TOKENS] += tokens
 
 
 def _today() -> int:

@@ -2,13 +2,14 @@
 
 llama-server serves ``parallel`` requests at once and queues the rest first come, first served: a client that sends 50
 requests makes everyone else wait behind all 50. The proxy keeps the requests beyond ``parallel`` itself and hands
-each freed slot to the waiting request with the smallest tag, in start-time fair queuing: a request's tag is
-``max(virtual clock, its client's last tag) + 1 / weight``, and the clock moves to each admitted tag. Clients take
-turns, each ``weight`` times as often as a client of weight 1, so a client sending one request waits about one
-generation behind a flood, not the whole flood.
+each freed slot to the waiting request with the smallest start tag, in start-time fair queuing: a request starts at
+``max(virtual clock, its client's finish tag)``, its client's finish tag moves ``1 / weight`` past that, and the clock
+moves to each admitted start tag (ties go to the earlier request). Clients take turns, each ``weight`` times as often
+as a client of weight 1; a client sending one request starts at the clock, ahead of the flood's next request, so it
+waits for the next free slot, not for the flood.
 
 Every proxy worker shares one file per model under ``<runtime_dir>/admission/``: the virtual clock, each worker's
-running count, the clients' last tags, and the waiting requests. Changes take the file's lock. A freed slot is granted
+running count, the clients' finish tags, and the waiting requests. Changes take the file's lock. A freed slot is granted
 under the lock by the worker that frees it, which then wakes the waiter's worker through that worker's FIFO; each
 waiter also looks again every ``RECHECK_S``, should a wake-up be lost. While nothing waits and a slot is free, a
 request runs at once without the lock (two workers doing so at the same instant may run one request each over
@@ -32,7 +33,7 @@ from appliance.shared.filelock import Locked
 
 RECHECK_S = 0.25
 SLOTS = 256  # as many as the in-flight counters' worker slots (appliance.shared.hostload)
-CLIENTS = 512  # the clients' last tags: an open-addressing table keyed by a hash of the name
+CLIENTS = 512  # the clients' finish tags: an open-addressing table keyed by a hash of the name
 WAITERS = 4096
 SCALE = 1_000_000  # tags are integers: 1 / weight in millionths
 
@@ -42,7 +43,7 @@ _CLOCK, _WAITING, _SEQ, _GRANTED = 0, 1, 2, 3
 _RUNNING = 8
 _CLIENT = _RUNNING + SLOTS
 _WAITER = _CLIENT + 2 * CLIENTS
-_WAITER_WORDS = 4  # tag, seq, worker slot + 1, granted
+_WAITER_WORDS = 4  # start tag, seq, worker slot + 1, granted
 _WORDS = _WAITER + _WAITER_WORDS * WAITERS
 _SIZE = 8 * _WORDS
 
@@ -120,8 +121,10 @@ class _Model:
             best = -1
             for i in range(v[_WAITING]):
                 w = self._waiter(i)
-                if not v[w + 3] and (best < 0 or v[w] < v[self._waiter(best)]):
-                    best = i
+                if not v[w + 3]:
+                    b = self._waiter(best)
+                    if best < 0 or (v[w], v[w + 1]) < (v[b], v[b + 1]):
+                        best = i
             if best < 0:
                 break
             w = self._waiter(best)
@@ -131,8 +134,8 @@ class _Model:
             woken.add(v[w + 2] - 1)
         return woken
 
-    def last_tag(self, client: int) -> int:
-        """The index of the client's entry in the table of last tags (claimed if new)."""
+    def finish_tag(self, client: int) -> int:
+        """The index of the client's finish tag in the table (its entry claimed if new)."""
         v = self.v
         i = client % CLIENTS
         for _ in range(CLIENTS):
@@ -218,9 +221,9 @@ class FairShare:
                 # Beyond any max_queue a config can set in practice: llama-server queues it, as before.
                 v[_RUNNING + slot] += 1
                 return Ticket(model, 0, None)
-            at = m.last_tag(self._client(client))
-            tag = max(v[_CLOCK], v[at]) + max(1, round(SCALE / weight))
-            v[at] = tag
+            at = m.finish_tag(self._client(client))
+            tag = max(v[_CLOCK], v[at])
+            v[at] = tag + max(1, round(SCALE / weight))
             v[_SEQ] += 1
             seq = v[_SEQ]
             w = m._waiter(v[_WAITING])
