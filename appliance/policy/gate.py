@@ -8,6 +8,7 @@ they are known when the response ends, so the request that crosses a token limit
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -71,9 +72,13 @@ class Gate:
             self._visible[n] = frozenset(p.models) | {a for m in models for a in (m.name, *m.aliases)}
         self._concurrency = HostLoad(concurrency_dir(cfg), [n for n, p in self._policies.items() if p.max_concurrent])
         self._windows: dict[str, Window] = {}
+        #: Tokens of this worker's ended requests not yet in their clients' windows (``charge``).
+        self._unpaid: dict[str, int] = {}
+        self._paying = False
 
     def start(self) -> None:
-        """Claim this worker's concurrency slot and map the windows (seeding a new one's day from the ledger)."""
+        """Claim this worker's slot (its concurrency counters and its regions of the windows) and map the windows,
+        their day no lower than the ledger's count."""
         self._concurrency.start()
         limited = [n for n, p in self._policies.items() if p.limited]
         spent: dict[str, int] | None = None
@@ -90,7 +95,8 @@ class Gate:
             return spent.get(client, 0)
 
         for n in limited:
-            self._windows[n] = Window(client_file(clients_dir(self.cfg), n), functools.partial(seed, n))
+            self._windows[n] = Window(client_file(clients_dir(self.cfg), n), self._concurrency.slot,
+                                      lambda: self._concurrency.high, functools.partial(seed, n))
 
     def policy(self, client: str) -> ClientPolicy:
         return self._policies.get(client, UNLIMITED)
@@ -121,23 +127,20 @@ class Gate:
         if not p.limited:
             return admission
         window = admission.window = self._windows[client]
-        refusal: Refusal | None = None
-
-        def accept(usage: Usage) -> bool:
-            nonlocal refusal
-            refusal = self._check(client, section, p, usage, admission.at, anthropic)
-            return refusal is None
-
-        usage = window.admit(admission.at, accept)
-        if refusal is not None:
+        if client in self._unpaid:  # this worker's requests that ended just now count first
+            window.charge(self._unpaid.pop(client), admission.at)
+        now = admission.at
+        counted = window.admit(now, p.requests_per_minute, p.tokens_per_minute, p.tokens_per_day)
+        if counted is None:
             if concurrent:
                 self._concurrency.leave(client)
-            return refusal
-        admission.headers = _rate_headers(p, usage, admission.at, anthropic, admitted=True)
+            return self._refusal(client, section, p, window.usage(now), now, anthropic)
+        requests, tokens, tokens_reset_at = counted
+        admission.headers = _rate_headers(p, requests, int(now) + WINDOW_S, tokens, tokens_reset_at, now, anthropic)
         return admission
 
-    def _check(self, client: str, section: str, p: ClientPolicy, usage: Usage, now: float, anthropic: bool
-               ) -> Refusal | None:
+    def _refusal(self, client: str, section: str, p: ClientPolicy, usage: Usage, now: float, anthropic: bool
+                 ) -> Refusal:
         reasons: list[tuple[float, str]] = []
         if p.tokens_per_day and usage.day_tokens >= p.tokens_per_day:
             reasons.append((day_start(now) + DAY_S, f"has used {usage.day_tokens} tokens today (UTC), its budget is "
@@ -150,12 +153,12 @@ class Gate:
             reasons.append((usage.room_at(p.tokens_per_minute, True, now),
                             f"has used {usage.tokens} tokens in the last {WINDOW_S} s, its limit is "
                             f"{p.tokens_per_minute} (clients.{section}.tokens_per_minute)"))
-        if not reasons:
-            return None
-        at, why = max(reasons)
+        # The window may have made room since the refused look: then retry at once.
+        at, why = max(reasons, default=(now, "was over a limit a moment ago"))
         wait = max(1, math.ceil(at - now))
         budget = p.tokens_per_day and usage.day_tokens >= p.tokens_per_day
-        headers = dict(_rate_headers(p, usage, now, anthropic, admitted=False))
+        headers = dict(_rate_headers(p, usage.requests, usage.requests_reset_at, usage.tokens, usage.tokens_reset_at,
+                                     now, anthropic))
         headers["Retry-After"] = str(wait)
         if budget:
             # The SDKs would retry a 429 within seconds; a budget renews in hours.
@@ -175,28 +178,52 @@ class Gate:
             self._concurrency.leave(admission.client)
 
     def charge(self, client: str, tokens: int) -> None:
-        window = self._windows.get(client)
-        if window is not None and tokens > 0:
-            window.charge(tokens, time.time())
+        """Count a finished request's tokens in its client's windows: at the end of this event-loop iteration, once
+        for every request of the client that ended in it (one lock, not one per request), and before the client's
+        next request here."""
+        if tokens <= 0 or client not in self._windows:
+            return
+        self._unpaid[client] = self._unpaid.get(client, 0) + tokens
+        if not self._paying:
+            self._paying = True
+            try:
+                asyncio.get_running_loop().call_soon(self.pay)
+            except RuntimeError:  # no loop (a tool, a test): now
+                self.pay()
+
+    def pay(self) -> None:
+        """Charge what the ended requests owe (also when the worker stops)."""
+        self._paying = False
+        unpaid, self._unpaid = self._unpaid, {}
+        now = time.time()
+        for client, tokens in unpaid.items():
+            self._windows[client].charge(tokens, now)
 
 
-def _rate_headers(p: ClientPolicy, usage: Usage, now: float, anthropic: bool, admitted: bool
-                  ) -> list[tuple[str, str]]:
+#: The headers' names: OpenAI's, and Anthropic's on its routes; for requests, then tokens.
+_NAMES = {
+    False: (("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+            ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")),
+    True: (("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset"),
+           ("anthropic-ratelimit-tokens-limit", "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-tokens-reset")),
+}
+
+
+def _rate_headers(p: ClientPolicy, requests: int, requests_reset_at: float, tokens: int, tokens_reset_at: float,
+                  now: float, anthropic: bool) -> list[tuple[str, str]]:
     """OpenAI's ``x-ratelimit-*`` headers, or Anthropic's ``anthropic-ratelimit-*`` on its routes: what is left of the
-    minute's requests and tokens after this request, and when each is whole again."""
+    minute's requests and tokens after this request, and when each is whole again (a duration for OpenAI, a time for
+    Anthropic)."""
     out: list[tuple[str, str]] = []
-    requests = usage.requests + (1 if admitted else 0)
-    requests_reset = int(now) + WINDOW_S if admitted else usage.requests_reset_at
-    for kind, limit, used, reset in (("requests", p.requests_per_minute, requests, requests_reset),
-                                     ("tokens", p.tokens_per_minute, usage.tokens, usage.tokens_reset_at)):
-        if not limit:
-            continue
-        remaining = str(max(0, limit - used))
-        if anthropic:
-            out += [(f"anthropic-ratelimit-{kind}-limit", str(limit)),
-                    (f"anthropic-ratelimit-{kind}-remaining", remaining),
-                    (f"anthropic-ratelimit-{kind}-reset", _rfc3339(reset))]
-        else:
-            out += [(f"x-ratelimit-limit-{kind}", str(limit)), (f"x-ratelimit-remaining-{kind}", remaining),
-                    (f"x-ratelimit-reset-{kind}", _duration(reset - now))]
+    names = _NAMES[anthropic]
+    if p.requests_per_minute:
+        limit, remaining, reset = names[0]
+        out += ((limit, str(p.requests_per_minute)), (remaining, str(max(0, p.requests_per_minute - requests))),
+                (reset, _rfc3339(requests_reset_at) if anthropic else _duration(requests_reset_at - now)))
+    if p.tokens_per_minute:
+        limit, remaining, reset = names[1]
+        out += ((limit, str(p.tokens_per_minute)), (remaining, str(max(0, p.tokens_per_minute - tokens))),
+                (reset, _rfc3339(tokens_reset_at) if anthropic else _duration(tokens_reset_at - now)))
     return out

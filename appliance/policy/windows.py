@@ -1,9 +1,14 @@
 """One client's request and token windows, shared by every proxy worker of the host.
 
-A small file per client under ``<runtime_dir>/clients/``, mapped by every worker: the day's tokens, then a ring of 60
-one-second buckets (the second, its requests, its tokens). "The last 60 s" is the buckets of the 60 seconds up to
-now: a sliding window exact to the second. Checks and updates take the file's lock (``lockf``): they must be atomic
-across workers, and the lock costs a system call, not a round trip. Only clients with a rate or a budget pay it.
+A file per client under ``<runtime_dir>/clients/``, mapped by every worker. Each worker slot (the one it holds in the
+in-flight counters, ``appliance.shared.hostload``) has a region of its own that only its worker writes: a ring of 60
+one-second buckets (the second, its requests, its tokens), their totals, and the day's tokens. "The last 60 s" is the
+buckets of the 60 seconds up to now: a sliding window exact to the second. A check adds up the regions of the slots
+in use; nothing takes a lock on the request path, and nothing is ever lost to two workers writing one counter. Two
+workers admitting at the same instant may each let one request past a limit, as with the models' queue bound.
+
+A region whose worker has been idle still holds seconds that have since left the window: the check leaves them out
+(at most 59 buckets to look at, none while its worker is busy). A dead worker's region stays: its requests happened.
 
 The file outlives reloads (new workers map the same file, so the counts go on) and lives as long as the runtime
 directory. When a worker maps it (a start, a reload), the day's tokens become at least what the usage ledger holds for
@@ -22,16 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.shared.filelock import Locked
+from appliance.shared.hostload import SLOTS
 
 WINDOW_S = 60
 DAY_S = 86400
-# Layout, in int64 words: whether the day was seeded, the day (days since the epoch), its tokens; the newest second
-# the ring holds, the window's totals and the newest second with a request (a token); then the ring, 60 times
-# (second, requests, tokens). The totals are kept as seconds enter and leave, so a check reads two words.
-_SEEDED, _DAY, _DAY_TOKENS, _NOW, _REQUESTS, _TOKENS, _LAST_REQUEST, _LAST_TOKEN = range(8)
+# Layout, in int64 words. The header: the day (days since the epoch) of the tokens the regions do not hold (from the
+# ledger: before a reboot, or while the client had no limits), and those tokens.
+_BASE_DAY, _BASE_TOKENS = 0, 1
+_HEADER = 8
+# A region: the newest second its ring holds, the totals of its ring, its newest second with a request (a token), its
+# day and the day's tokens; then the ring, 60 times (second, requests, tokens).
+_NOW, _REQUESTS, _TOKENS, _LAST_REQUEST, _LAST_TOKEN, _DAY, _DAY_TOKENS = range(7)
 _RING = 8
-_WORDS = _RING + 3 * WINDOW_S
-_SIZE = 8 * _WORDS
+_REGION = _RING + 3 * WINDOW_S
+_SIZE = 8 * (_HEADER + SLOTS * _REGION)
 
 
 @dataclass(frozen=True)
@@ -44,13 +53,13 @@ class Usage:
     #: When the newest request (token) in the window leaves it: the windows are then back to their full limits.
     requests_reset_at: float
     tokens_reset_at: float
-    #: The seconds in the window, oldest first: (second, requests, tokens); read only to tell a refused client when.
-    buckets: Callable[[], list[tuple[int, int, int]]]
+    #: The seconds in the window, oldest first: (second, requests, tokens).
+    buckets: list[tuple[int, int, int]]
 
     def room_at(self, limit: int, tokens: bool, now: float) -> float:
         """When the window falls below ``limit`` again (requests, or tokens), as seconds leave it."""
         used = self.tokens if tokens else self.requests
-        for second, requests, spent in self.buckets():
+        for second, requests, spent in self.buckets:
             used -= spent if tokens else requests
             if used < limit:
                 return second + WINDOW_S
@@ -63,75 +72,118 @@ def client_file(directory: Path, client: str) -> Path:
 
 
 class Window:
-    def __init__(self, path: Path, seed_day_tokens: Callable[[], int]) -> None:
+    def __init__(self, path: Path, slot: int, high: Callable[[], int], seed_day_tokens: Callable[[], int]) -> None:
+        """``slot``: this worker's; ``high``: the number of slots ever claimed (the live workers' are below it)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Kept open for the worker's life: it carries the lock.
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
-        if os.fstat(self._fd).st_size < _SIZE:
-            os.ftruncate(self._fd, _SIZE)
-        self._v = memoryview(mmap.mmap(self._fd, _SIZE)).cast("q")
-        with self._locked():
-            today = _today()
-            if not self._v[_SEEDED] or self._v[_DAY] != today:
-                self._v[_DAY], self._v[_DAY_TOKENS], self._v[_SEEDED] = today, 0, 1
-            # The ledger knows more when the client had no limits for a while (a reload took them away, and another
-            # brought them back): its tokens meanwhile were not counted here.
-            self._v[_DAY_TOKENS] = max(self._v[_DAY_TOKENS], seed_day_tokens())
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            if os.fstat(fd).st_size < _SIZE:
+                os.ftruncate(fd, _SIZE)  # sparse: only the regions in use take memory
+            self._v = v = memoryview(mmap.mmap(fd, _SIZE)).cast("q")
+            self._own = _HEADER + slot * _REGION
+            self._high = high
+            # Once per worker start, and only here: two workers starting together must not both raise the base.
+            with Locked(fd):
+                today = _today()
+                held = sum(v[r + _DAY_TOKENS] for r in self._regions(SLOTS) if v[r + _DAY] == today)
+                base = v[_BASE_TOKENS] if v[_BASE_DAY] == today else 0
+                v[_BASE_DAY], v[_BASE_TOKENS] = today, max(base, seed_day_tokens() - held)
+        finally:
+            os.close(fd)
 
-    def _locked(self) -> Locked:
-        return Locked(self._fd)
+    @staticmethod
+    def _regions(high: int) -> range:
+        return range(_HEADER, _HEADER + high * _REGION, _REGION)
 
-    def _advance(self, now: float) -> int:
-        """Move the window to ``now``: the seconds that left it leave the totals (at most 60 steps, none within the
-        same second). The ring index of the current second; under the lock."""
+    def _advance(self, second: int) -> int:
+        """Move this worker's region to ``second``: the seconds that left the window leave its totals (at most 60
+        steps, none within the same second). The ring index of the current second."""
+        v, r = self._v, self._own
+        if second > v[r + _NOW]:
+            for s in range(max(v[r + _NOW] + 1, second - WINDOW_S + 1), second + 1):
+                i = r + _RING + 3 * (s % WINDOW_S)
+                v[r + _REQUESTS] -= v[i + 1]
+                v[r + _TOKENS] -= v[i + 2]
+                v[i], v[i + 1], v[i + 2] = s, 0, 0
+            v[r + _NOW] = second
+        # A clock set back counts in the newest second the region holds.
+        return r + _RING + 3 * (v[r + _NOW] % WINDOW_S)
+
+    def _totals(self, second: int) -> tuple[int, int, int, int]:
+        """The window's requests and tokens over every region, the day's tokens, and the newest second with a token."""
+        v = self._v
+        requests = tokens = last_token = 0
+        today = second // DAY_S
+        day = v[_BASE_TOKENS] if v[_BASE_DAY] == today else 0
+        for r in self._regions(self._high()):
+            held = v[r + _NOW]
+            if held > second - WINDOW_S:
+                req, tok = v[r + _REQUESTS], v[r + _TOKENS]
+                for s in range(held - WINDOW_S + 1, second - WINDOW_S + 1):  # held, but out of the window now
+                    i = r + _RING + 3 * (s % WINDOW_S)
+                    if v[i] == s:
+                        req -= v[i + 1]
+                        tok -= v[i + 2]
+                requests += req
+                tokens += tok
+                if tok and v[r + _LAST_TOKEN] > last_token:
+                    last_token = v[r + _LAST_TOKEN]
+            if v[r + _DAY] == today:
+                day += v[r + _DAY_TOKENS]
+        return requests, tokens, day, last_token
+
+    def admit(self, now: float, requests: int, tokens: int, day: int) -> tuple[int, int, float] | None:
+        """Count this request unless the window has ``requests`` requests or ``tokens`` tokens, or the day ``day``
+        tokens (0: no such limit); None then. Else the window's requests (this one included) and tokens, and when
+        its newest token leaves it."""
+        v, r = self._v, self._own
+        second = int(now)
+        i = self._advance(second)
+        used, spent, day_spent, last_token = self._totals(second)
+        if (requests and used >= requests) or (tokens and spent >= tokens) or (day and day_spent >= day):
+            return None
+        v[i + 1] += 1
+        v[r + _REQUESTS] += 1
+        v[r + _LAST_REQUEST] = v[i]
+        return used + 1, spent, last_token + WINDOW_S if spent else now
+
+    def usage(self, now: float) -> Usage:
+        """The windows now, all of them (to tell a refused client what and until when)."""
         v = self._v
         second = int(now)
-        if second > v[_NOW]:
-            for s in range(max(v[_NOW] + 1, second - WINDOW_S + 1), second + 1):
-                i = _RING + 3 * (s % WINDOW_S)
-                v[_REQUESTS] -= v[i + 1]
-                v[_TOKENS] -= v[i + 2]
-                v[i], v[i + 1], v[i + 2] = s, 0, 0
-            v[_NOW] = second
-            if v[_DAY] != second // DAY_S:
-                v[_DAY], v[_DAY_TOKENS] = second // DAY_S, 0
-        # A clock set back counts in the newest second the ring holds.
-        return _RING + 3 * (v[_NOW] % WINDOW_S)
-
-    def _buckets(self) -> list[tuple[int, int, int]]:
-        v = self._v
-        return sorted((v[i], v[i + 1], v[i + 2]) for i in range(_RING, _WORDS, 3) if v[i + 1] or v[i + 2])
-
-    def admit(self, now: float, accept: Callable[[Usage], bool]) -> Usage:
-        """The windows now; when ``accept`` says yes to them, this request is counted in them, atomically."""
-        v = self._v
-        with self._locked():
-            i = self._advance(now)
-            usage = Usage(v[_REQUESTS], v[_TOKENS], v[_DAY_TOKENS],
-                          v[_LAST_REQUEST] + WINDOW_S if v[_REQUESTS] else now,
-                          v[_LAST_TOKEN] + WINDOW_S if v[_TOKENS] else now, self._buckets)
-            if accept(usage):
-                v[i + 1] += 1
-                v[_REQUESTS] += 1
-                v[_LAST_REQUEST] = v[i]
-            return usage
+        self._advance(second)
+        used, spent, day_spent, last_token = self._totals(second)
+        merged: dict[int, list[int]] = {}
+        last_request = 0
+        for r in self._regions(self._high()):
+            for i in range(r + _RING, r + _REGION, 3):
+                if second - WINDOW_S < v[i] <= second and (v[i + 1] or v[i + 2]):
+                    b = merged.setdefault(v[i], [0, 0])
+                    b[0] += v[i + 1]
+                    b[1] += v[i + 2]
+                    if v[i + 1]:
+                        last_request = max(last_request, v[i])
+        return Usage(used, spent, day_spent, last_request + WINDOW_S if used else now,
+                     last_token + WINDOW_S if spent else now, sorted((s, b[0], b[1]) for s, b in merged.items()))
 
     def undo(self, at: float) -> None:
         """Uncount a request admitted at ``at`` that was then refused (the host's queue was full)."""
-        with self._locked():
-            i = _RING + 3 * (int(at) % WINDOW_S)
-            if self._v[i] == int(at) and self._v[i + 1] > 0:
-                self._v[i + 1] -= 1
-                self._v[_REQUESTS] -= 1
+        v, r = self._v, self._own
+        i = r + _RING + 3 * (int(at) % WINDOW_S)
+        if v[i] == int(at) and v[i + 1] > 0:
+            v[i + 1] -= 1
+            v[r + _REQUESTS] -= 1
 
     def charge(self, tokens: int, now: float) -> None:
-        v = self._v
-        with self._locked():
-            i = self._advance(now)
-            v[i + 2] += tokens
-            v[_TOKENS] += tokens
-            v[_LAST_TOKEN] = v[i]
-            v[_DAY_TOKENS] += tokens
+        v, r = self._v, self._own
+        second = int(now)
+        i = self._advance(second)
+        v[i + 2] += tokens
+        v[r + _TOKENS] += tokens
+        v[r + _LAST_TOKEN] = v[i]
+        if v[r + _DAY] != second // DAY_S:
+            v[r + _DAY], v[r + _DAY_TOKENS] = second // DAY_S, 0
+        v[r + _DAY_TOKENS] += tokens
 
 
 def _today() -> int:
