@@ -150,8 +150,7 @@ class Forward:
         ex.forwarded = True
         if admission is not None:
             ex.admission = admission
-            for name, value in admission.headers:
-                resp.set_header(name, value)
+            resp.set_headers(admission.headers)
         headers = {h: v for h in UPSTREAM_HEADERS if (v := req.get_header(h))}
         headers["x-request-id"] = req.context.request_id
         disconnect: asyncio.Future[None] = req.scope[GONE_KEY]()
