@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import time
 import tomllib
 import urllib.request
@@ -69,6 +68,7 @@ from bench.common import (
     fmt,
     free_port,
     idle_cpu_per_s,
+    link_model,
     machine_summary,
     measured_wrk,
     median,
@@ -317,11 +317,7 @@ async def _drain(url: str) -> None:
 def neighbour(args: argparse.Namespace, tmp: Path) -> None:
     if not BINARY.is_file() or not (MODELS / MODEL_FILE).is_file():
         raise SystemExit(f"{BINARY} or {MODELS / MODEL_FILE} is missing: run scripts/setup.sh first")
-    (tmp / "models").mkdir()
-    try:
-        os.link((MODELS / MODEL_FILE).resolve(), tmp / "models" / MODEL_FILE)
-    except OSError:
-        shutil.copyfile(MODELS / MODEL_FILE, tmp / "models" / MODEL_FILE)
+    link_model(tmp / "models")
     model_port = free_port()
     model = {"name": CHAT_MODEL, "file": MODEL_FILE, "kind": "chat", "port": model_port,
              "ctx_size": 1024 * args.parallel, "threads": args.threads, "parallel": args.parallel, "max_queue": 64}

@@ -298,6 +298,16 @@ def appliance_config(tmp: Path, models: list[dict[str, Any]], binary: Path | Non
 STUB_PARALLEL = 64
 
 
+def link_model(models_dir: Path) -> None:
+    """The installed model in a new ``models_dir``: the config checks that a model file lies under models_dir with
+    symlinks followed, so the file itself is hard-linked there (or copied, across file systems)."""
+    models_dir.mkdir()
+    try:
+        os.link((MODELS / MODEL_FILE).resolve(), models_dir / MODEL_FILE)
+    except OSError:
+        shutil.copyfile(MODELS / MODEL_FILE, models_dir / MODEL_FILE)
+
+
 def stub_model(port: int) -> dict[str, Any]:
     """A chat model served by a stub; its slots and queue bound (parallel + max_queue) never hold the benchmark's
     load back."""

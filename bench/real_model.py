@@ -37,7 +37,6 @@ import asyncio
 import json
 import operator
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from bench.common import (
     base_parser,
     fmt,
     free_port,
+    link_model,
     machine_summary,
     median,
     run_main,
@@ -230,12 +230,7 @@ def main() -> int:
         parser.error(f"{BINARY} or {MODELS / MODEL_FILE} is missing: run scripts/setup.sh first")
     tmp = temp_dir("real-model")
     say(f"work directory {tmp}")
-    # The config checks that the model file lies under models_dir (symlinks followed): link the file itself there.
-    (tmp / "models").mkdir()
-    try:
-        os.link((MODELS / MODEL_FILE).resolve(), tmp / "models" / MODEL_FILE)
-    except OSError:
-        shutil.copyfile(MODELS / MODEL_FILE, tmp / "models" / MODEL_FILE)
+    link_model(tmp / "models")
     model_port = free_port()
     # parallel: one slot per concurrent stream, so that none waits in llama-server's queue.
     model = {"name": MODEL, "file": MODEL_FILE, "kind": "chat", "port": model_port, "ctx_size": 512 * max(args.streams),
