@@ -318,9 +318,6 @@ class FairShare:
         if others:
             asyncio.get_running_loop().call_soon(self._wake, others)
 
-    def waiting(self, model: str) -> int:
-        return self._models[model].v[_WAITING]
-
 
 def _poke(directory: Path, slot: int) -> None:
     """Wake worker ``slot``. Gone (no reader): the arbiter drops its places; full: a wake-up is already pending."""

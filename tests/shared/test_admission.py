@@ -76,7 +76,7 @@ def test_two_slots_and_requests_that_give_up_their_place(tmp_path: Path) -> None
         gone.set_result(None)  # the client left
         assert not await fs[1].wait(waiting, gone)
         fs[1].leave(waiting)
-        assert fs[0].waiting("m") == 0
+        assert admission.waiting(tmp_path, ["m"]) == {"m": 0}
         later = fs[1].enter("m", "z", 1)
         fs[0].leave(a)  # frees a slot: granted to the request waiting in the other worker, woken through its FIFO
         never = asyncio.get_running_loop().create_future()
