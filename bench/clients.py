@@ -9,14 +9,15 @@ Usage: python -m bench.clients [--rounds 5] [--seconds 4] [--flood 16] [--single
      with      [clients.bench] for the benchmark's key, a policy that makes every check run and never refuses: the
                model in its `models` allow-list, max_concurrent, requests_per_minute (10^9: the window counts 60 s)
                and tokens_per_minute far above the run, tokens_per_day huge; every request takes the shared
-               concurrency counter, the request window under its file lock, the rate-limit headers, and its tokens
-               are charged to the windows when it ends
+               concurrency counter and the windows' check, carries the six rate-limit headers, and its tokens are
+               charged to the windows when it ends
 
    The stub model has `parallel` 64, above every concurrency: the admission queue (which both configs share) never
-   holds a request, so what differs is the policies alone. Rounds alternate (without, with; then with, without) at
-   each concurrency, so the machine's drift cancels out of each round's ratio. Reported: requests/s, p50/p99, the
-   proxy's CPU seconds per 1,000 requests (less its rate at rest), the medians of the rounds' ratios with/without,
-   and the goal: at c=16 the policies keep >= 0.95 x the throughput.
+   holds a request, so what differs is the policies alone. Each round starts two new proxies (one process can run a
+   few per cent faster or slower than an identical one for its whole life) and alternates the order (without, with;
+   then with, without) at each concurrency, so the machine's drift cancels out of each round's ratio. Reported:
+   requests/s, p50/p99, the proxy's CPU seconds per 1,000 requests (less its rate at rest), the medians of the
+   rounds' ratios with/without, and the goal: at c=16 the policies keep >= 0.95 x the throughput.
 
 2. Noisy neighbour (the real model: `python -m appliance up` with the installed llama-server and Gemma 3 270M, one
    chat model with --parallel slots, max_queue 64). Two keys, `flood` and `single`. The flood keeps --flood streamed
@@ -115,55 +116,70 @@ def _post(url: str) -> tuple[int, dict[str, str]]:
         return int(r.status), {k.lower(): v for k, v in r.headers.items()}
 
 
+def _start_pair(kids: Children, tmp: Path, model: dict[str, Any]) -> tuple[dict[str, str], dict[str, int]]:
+    """The two proxies, without and with the policy: their URLs and process roots."""
+    urls: dict[str, str] = {}
+    roots: dict[str, int] = {}
+    for name in CONFIGS:
+        d = tmp / name
+        d.mkdir(parents=True)
+        sections = {"clients.bench": POLICY} if name == "with" else None
+        config, port = appliance_config(d, [model], sections=sections)
+        roots[name] = start_appliance_proxy(kids, d, config, port).pid
+        urls[name] = f"http://{LOOPBACK}:{port}{CHAT_PATH}"
+    return urls, roots
+
+
 def policies(args: argparse.Namespace, tmp: Path) -> None:
     with Children() as kids:
-        say("policies: starting the nginx stub and two appliance proxies (without and with a client policy)")
+        say("policies: starting the nginx stub")
         stub_port, _ = start_stub_nginx(kids, tmp / "stub")
         model = stub_model(stub_port)
-        urls: dict[str, str] = {}
-        roots: dict[str, int] = {}
-        for name in CONFIGS:
-            d = tmp / name
-            d.mkdir()
-            sections = {"clients.bench": POLICY} if name == "with" else None
-            config, port = appliance_config(d, [model], sections=sections)
-            roots[name] = start_appliance_proxy(kids, d, config, port).pid
-            urls[name] = f"http://{LOOPBACK}:{port}{CHAT_PATH}"
-        check_same_answer(kids, urls, f"http://{LOOPBACK}:{stub_port}{CHAT_PATH}")
-        _, headers = _post(urls["with"])
-        if headers.get("x-ratelimit-limit-requests") != str(POLICY["requests_per_minute"]):
-            raise RuntimeError(f"the proxy with the policy answered without its rate-limit headers: {headers}")
-        _, headers = _post(urls["without"])
-        if "x-ratelimit-limit-requests" in headers:
-            raise RuntimeError("the proxy without a policy answered with rate-limit headers")
         script = wrk_script(tmp, CHAT_REQUEST, AUTH_HEADERS)
-        say("measuring the proxies' CPU time at rest")
-        idle = {name: idle_cpu_per_s(root) for name, root in roots.items()}
         print("1. policies on the request path: the nginx stub behind two appliance proxies (2 workers each)")
         print("   without: API keys, no [clients] section")
         print("   with:    [clients.bench] " + ", ".join(f"{k} = {v}" for k, v in POLICY.items()))
         print(f"   stub model parallel {STUB_PARALLEL} (the admission queue never holds a request); wrk -t1, "
-              f"{args.seconds} s per run, {args.warmup} s warm-up, {args.rounds} rounds alternating the order")
-        print("   proxy CPU at rest (subtracted): "
-              + ", ".join(f"{n} {v * 1000:.1f} ms/s" for n, v in idle.items()))
+              f"{args.seconds} s per run, {args.warmup} s warm-up; {args.rounds} rounds, each with two new proxies, "
+              "alternating the order")
         print()
         points: dict[tuple[str, int], list[Point]] = {}
-        for c in args.concurrency:
-            for r in range(args.rounds):
-                for name in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
-                    w, per_1k = measured_wrk(urls[name], script, c, args.seconds, args.warmup, roots[name],
-                                             idle[name])
-                    points.setdefault((name, c), []).append(Point(w.rps, w.p50_ms, w.p99_ms, per_1k, w.errors))
-                    say(f"c={c} round {r + 1}/{args.rounds} {name}: {w.rps:,.0f} req/s, p50 {w.p50_ms:.3f} ms, "
-                        f"p99 {w.p99_ms:.3f} ms, {fmt(per_1k, '.3f')} CPU s/1k req"
-                        + (f", {w.errors} errors" if w.errors else ""))
-                    kids.check_alive()
-        _, headers = _post(urls["with"])
-        counted = POLICY["requests_per_minute"] - int(headers.get("x-ratelimit-remaining-requests", "0"))
+        counted = 0
+        for r in range(args.rounds):
+            # New processes every round: one proxy process runs a few per cent faster or slower than an identical
+            # one for its whole life (where its memory lies, how the kernel spreads its connections), which rounds
+            # with the same two processes would never average out.
+            with Children() as proxies:
+                say(f"round {r + 1}/{args.rounds}: starting two appliance proxies (without and with the policy)")
+                urls, roots = _start_pair(proxies, tmp / f"round{r + 1}", model)
+                if r == 0:
+                    _check_pair(proxies, urls, f"http://{LOOPBACK}:{stub_port}{CHAT_PATH}")
+                idle = {name: idle_cpu_per_s(root) for name, root in roots.items()}
+                for c in args.concurrency:
+                    for name in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
+                        w, per_1k = measured_wrk(urls[name], script, c, args.seconds, args.warmup, roots[name],
+                                                 idle[name])
+                        points.setdefault((name, c), []).append(Point(w.rps, w.p50_ms, w.p99_ms, per_1k, w.errors))
+                        say(f"c={c} round {r + 1}/{args.rounds} {name}: {w.rps:,.0f} req/s, p50 {w.p50_ms:.3f} ms, "
+                            f"p99 {w.p99_ms:.3f} ms, {fmt(per_1k, '.3f')} CPU s/1k req"
+                            + (f", {w.errors} errors" if w.errors else ""))
+                        proxies.check_alive()
+                _, headers = _post(urls["with"])
+                counted = POLICY["requests_per_minute"] - int(headers.get("x-ratelimit-remaining-requests", "0"))
         _report_policies(points, args.concurrency)
-        print(f"the policy's request window counted {counted:,} requests in the last 60 s at the end (every request "
-              "went through the checks)")
+        print(f"the policy's request window counted {counted:,} requests in the last 60 s at the end of the last "
+              "round (every request went through the checks)")
         print()
+
+
+def _check_pair(kids: Children, urls: dict[str, str], stub_url: str) -> None:
+    check_same_answer(kids, urls, stub_url)
+    _, headers = _post(urls["with"])
+    if headers.get("x-ratelimit-limit-requests") != str(POLICY["requests_per_minute"]):
+        raise RuntimeError(f"the proxy with the policy answered without its rate-limit headers: {headers}")
+    _, headers = _post(urls["without"])
+    if "x-ratelimit-limit-requests" in headers:
+        raise RuntimeError("the proxy without a policy answered with rate-limit headers")
 
 
 def _report_policies(points: dict[tuple[str, int], list[Point]], levels: list[int]) -> None:

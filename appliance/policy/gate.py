@@ -8,7 +8,6 @@ they are known when the response ends, so the request that crosses a token limit
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
@@ -31,31 +30,44 @@ class Refusal:
     code: str
     message: str
     headers: dict[str, str]
+    #: The rate-limit header fields, raw for the response head (``RateFields``).
+    head: bytes = b""
+
+
+class _Limits:
+    """A client's policy as the request path reads it: only clients with a limit have one."""
+
+    __slots__ = ("concurrent", "day", "fields", "requests", "section", "tokens", "window")
+
+    def __init__(self, p: ClientPolicy, section: str) -> None:
+        self.section = section
+        self.concurrent = p.max_concurrent
+        self.requests, self.tokens, self.day = p.requests_per_minute, p.tokens_per_minute, p.tokens_per_day
+        #: The rate-limit header fields: OpenAI's (index False), Anthropic's (True).
+        self.fields = (RateFields(p, False), RateFields(p, True))
+        #: The request and token windows (``Gate.start``), for a client with either or a daily budget.
+        self.window: Window | None = None
 
 
 class Admission:
     """A request let through by its client's policy; ``Gate.leave`` ends it. (A plain class with slots: one is made
     per request of a limited client, and a dataclass's construction costs twice as much.)"""
 
-    __slots__ = ("at", "client", "concurrent", "headers", "window")
+    __slots__ = ("at", "client", "concurrent", "head", "window")
 
     def __init__(self, client: str, concurrent: bool, at: float) -> None:
         self.client = client
         self.window: Window | None = None
         self.concurrent = concurrent
         self.at = at
-        #: The rate-limit headers of a client with windows, for the response.
-        self.headers: list[tuple[str, str]] = []
+        #: The rate-limit header fields of a client with windows, raw for the response head (``RateFields``).
+        self.head = b""
 
 
 def _duration(seconds: float) -> str:
     """OpenAI's form of a reset time: ``6m0s``, ``59s``."""
     s = max(0, math.ceil(seconds))
     return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
-
-
-def _rfc3339(at: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(at)))
 
 
 class Gate:
@@ -74,10 +86,9 @@ class Gate:
             self._allowed[n] = frozenset(m.name for m in models)
             self._visible[n] = frozenset(p.models) | {a for m in models for a in (m.name, *m.aliases)}
         self._concurrency = HostLoad(concurrency_dir(cfg), [n for n, p in self._policies.items() if p.max_concurrent])
-        self._windows: dict[str, Window] = {}
-        #: Tokens of this worker's ended requests not yet in their clients' windows (``charge``).
-        self._unpaid: dict[str, int] = {}
-        self._paying = False
+        #: The clients with a limit: a request of any other pays one dictionary lookup.
+        self._limits = {n: _Limits(p, self._sections[n]) for n, p in self._policies.items()
+                        if p.max_concurrent or p.limited}
 
     def start(self) -> None:
         """Claim this worker's slot (its concurrency counters and its regions of the windows) and map the windows,
@@ -98,8 +109,8 @@ class Gate:
             return spent.get(client, 0)
 
         for n in limited:
-            self._windows[n] = Window(client_file(clients_dir(self.cfg), n), self._concurrency.slot,
-                                      lambda: self._concurrency.high, functools.partial(seed, n))
+            self._limits[n].window = Window(client_file(clients_dir(self.cfg), n), self._concurrency.slot,
+                                            self._concurrency.high_reader(), functools.partial(seed, n))
 
     def policy(self, client: str) -> ClientPolicy:
         return self._policies.get(client, UNLIMITED)
@@ -114,36 +125,31 @@ class Gate:
 
     def enter(self, client: str, anthropic: bool) -> Admission | Refusal | None:
         """Admit one request of ``client`` to a model, or say why not. None: the client has no limits."""
-        p = self._policies.get(client, UNLIMITED)
-        if not (p.max_concurrent or p.limited):
+        limits = self._limits.get(client)
+        if limits is None:
             return None
-        section = self._sections.get(client, DEFAULT_CLIENT)
-        concurrent = False
-        if p.max_concurrent:
-            if not self._concurrency.try_enter(client, p.max_concurrent):
-                return Refusal(429, "concurrency_limit_exceeded",
-                               f"client {client!r} already has {p.max_concurrent} requests in flight on this host "
-                               f"(clients.{section}.max_concurrent); retry when one has finished",
-                               {"Retry-After": "1"})
-            concurrent = True
-        admission = Admission(client, concurrent, time.time())
-        if not p.limited:
+        concurrent = limits.concurrent
+        if concurrent and not self._concurrency.try_enter(client, concurrent):
+            return Refusal(429, "concurrency_limit_exceeded",
+                           f"client {client!r} already has {concurrent} requests in flight on this host "
+                           f"(clients.{limits.section}.max_concurrent); retry when one has finished",
+                           {"Retry-After": "1"})
+        now = time.time()
+        admission = Admission(client, bool(concurrent), now)
+        window = limits.window
+        if window is None:
             return admission
-        window = admission.window = self._windows[client]
-        if client in self._unpaid:  # this worker's requests that ended just now count first
-            window.charge(self._unpaid.pop(client), admission.at)
-        now = admission.at
-        counted = window.admit(now, p.requests_per_minute, p.tokens_per_minute, p.tokens_per_day)
+        counted = window.admit(now, limits.requests, limits.tokens, limits.day)
         if counted is None:
             if concurrent:
                 self._concurrency.leave(client)
-            return self._refusal(client, section, p, window.usage(now), now, anthropic)
-        requests, tokens, tokens_reset_at = counted
-        admission.headers = _rate_headers(p, requests, int(now) + WINDOW_S, tokens, tokens_reset_at, now, anthropic)
+            return self._refusal(client, limits, window.usage(now), now, anthropic)
+        admission.window = window
+        admission.head = limits.fields[anthropic].admitted(counted[0], counted[1], counted[2], now)
         return admission
 
-    def _refusal(self, client: str, section: str, p: ClientPolicy, usage: Usage, now: float, anthropic: bool
-                 ) -> Refusal:
+    def _refusal(self, client: str, limits: _Limits, usage: Usage, now: float, anthropic: bool) -> Refusal:
+        p, section = self._policies[client], limits.section
         reasons: list[tuple[float, str]] = []
         if p.tokens_per_day and usage.day_tokens >= p.tokens_per_day:
             reasons.append((day_start(now) + DAY_S, f"has used {usage.day_tokens} tokens today (UTC), its budget is "
@@ -160,14 +166,14 @@ class Gate:
         at, why = max(reasons, default=(now, "was over a limit a moment ago"))
         wait = max(1, math.ceil(at - now))
         budget = p.tokens_per_day and usage.day_tokens >= p.tokens_per_day
-        headers = dict(_rate_headers(p, usage.requests, usage.requests_reset_at, usage.tokens, usage.tokens_reset_at,
-                                     now, anthropic))
-        headers["Retry-After"] = str(wait)
+        head = limits.fields[anthropic].render(usage.requests, usage.requests_reset_at, usage.tokens,
+                                               usage.tokens_reset_at, now)
+        headers = {"Retry-After": str(wait)}
         if budget:
             # The SDKs would retry a 429 within seconds; a budget renews in hours.
             headers["x-should-retry"] = "false"
         return Refusal(429, "daily_token_budget_exceeded" if budget else "rate_limit_exceeded",
-                       f"client {client!r} {why}; retry in {wait} s", headers)
+                       f"client {client!r} {why}; retry in {wait} s", headers, head)
 
     def undo(self, admission: Admission) -> None:
         """The request was refused after all (the model's queue on the host was full): it does not count."""
@@ -181,52 +187,87 @@ class Gate:
             self._concurrency.leave(admission.client)
 
     def charge(self, client: str, tokens: int) -> None:
-        """Count a finished request's tokens in its client's windows: at the end of this event-loop iteration, once
-        for every request of the client that ended in it (one lock, not one per request), and before the client's
-        next request here."""
-        if tokens <= 0 or client not in self._windows:
-            return
-        self._unpaid[client] = self._unpaid.get(client, 0) + tokens
-        if not self._paying:
-            self._paying = True
-            try:
-                asyncio.get_running_loop().call_soon(self.pay)
-            except RuntimeError:  # no loop (a tool, a test): now
-                self.pay()
-
-    def pay(self) -> None:
-        """Charge what the ended requests owe (also when the worker stops)."""
-        self._paying = False
-        unpaid, self._unpaid = self._unpaid, {}
-        now = time.time()
-        for client, tokens in unpaid.items():
-            self._windows[client].charge(tokens, now)
+        """Count a finished request's tokens in its client's windows (this worker's region: no lock)."""
+        limits = self._limits.get(client)
+        if limits is not None and limits.window is not None and tokens > 0:
+            limits.window.charge(tokens, time.time())
 
 
 #: The headers' names: OpenAI's, and Anthropic's on its routes; for requests, then tokens.
 _NAMES = {
-    False: (("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
-            ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")),
-    True: (("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining",
-            "anthropic-ratelimit-requests-reset"),
-           ("anthropic-ratelimit-tokens-limit", "anthropic-ratelimit-tokens-remaining",
-            "anthropic-ratelimit-tokens-reset")),
+    False: ((b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests"),
+            (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")),
+    True: ((b"anthropic-ratelimit-requests-limit", b"anthropic-ratelimit-requests-remaining",
+            b"anthropic-ratelimit-requests-reset"),
+           (b"anthropic-ratelimit-tokens-limit", b"anthropic-ratelimit-tokens-remaining",
+            b"anthropic-ratelimit-tokens-reset")),
 }
+#: OpenAI's reset durations within a window, by whole seconds.
+_DURATIONS = tuple(_duration(s).encode() for s in range(WINDOW_S + 1))
 
 
-def _rate_headers(p: ClientPolicy, requests: int, requests_reset_at: float, tokens: int, tokens_reset_at: float,
-                  now: float, anthropic: bool) -> list[tuple[str, str]]:
-    """OpenAI's ``x-ratelimit-*`` headers, or Anthropic's ``anthropic-ratelimit-*`` on its routes: what is left of the
-    minute's requests and tokens after this request, and when each is whole again (a duration for OpenAI, a time for
-    Anthropic)."""
-    out: list[tuple[str, str]] = []
-    names = _NAMES[anthropic]
-    if p.requests_per_minute:
-        limit, remaining, reset = names[0]
-        out += ((limit, str(p.requests_per_minute)), (remaining, str(max(0, p.requests_per_minute - requests))),
-                (reset, _rfc3339(requests_reset_at) if anthropic else _duration(requests_reset_at - now)))
-    if p.tokens_per_minute:
-        limit, remaining, reset = names[1]
-        out += ((limit, str(p.tokens_per_minute)), (remaining, str(max(0, p.tokens_per_minute - tokens))),
-                (reset, _rfc3339(tokens_reset_at) if anthropic else _duration(tokens_reset_at - now)))
-    return out
+class RateFields:
+    """A client's rate-limit header fields: OpenAI's ``x-ratelimit-*``, or Anthropic's ``anthropic-ratelimit-*`` on
+    its routes. What is left of the minute's requests and tokens after this request, and when each is whole again (a
+    duration for OpenAI, a time for Anthropic).
+
+    Rendered raw, for the response head (``appliance.proxy.protocol.CoalescedTransport.head_fields``): through Falcon
+    and uvicorn, which encode and check every header one by one, six headers cost a limited client's request more than
+    all its policy's checks."""
+
+    __slots__ = ("_anthropic", "_requests", "_template", "_times", "_tokens", "_whole")
+
+    def __init__(self, p: ClientPolicy, anthropic: bool) -> None:
+        self._anthropic = anthropic
+        self._requests = p.requests_per_minute
+        self._tokens = p.tokens_per_minute
+        #: The fields with the values left to fill in: the remaining requests and their reset, the remaining tokens
+        #: and their reset (those of the limits the client has). ``_whole``: the same, for an admitted request of an
+        #: OpenAI route, with its requests' reset filled in (the window is whole again in 60 s).
+        self._template = self._whole = b""
+        for limit, (name, remaining, reset), whole in zip((self._requests, self._tokens), _NAMES[anthropic],
+                                                          (_DURATIONS[WINDOW_S], b"%s"), strict=True):
+            if limit:
+                self._template += b"%s: %d\r\n%s: %%d\r\n%s: %%s\r\n" % (name, limit, remaining, reset)
+                self._whole += b"%s: %d\r\n%s: %%d\r\n%s: %s\r\n" % (name, limit, remaining, reset, whole)
+        #: Anthropic's reset times, by second: a strftime costs more than the rest of the rendering.
+        self._times: dict[int, bytes] = {}
+
+    def render(self, requests: int, requests_reset_at: float, tokens: int, tokens_reset_at: float, now: float
+               ) -> bytes:
+        """The fields for a window with ``requests`` requests and ``tokens`` tokens (b"" without either limit)."""
+        if self._requests and self._tokens:
+            return self._template % (max(0, self._requests - requests), self._reset(requests_reset_at, now),
+                                     max(0, self._tokens - tokens), self._reset(tokens_reset_at, now))
+        if self._requests:
+            return self._template % (max(0, self._requests - requests), self._reset(requests_reset_at, now))
+        if self._tokens:
+            return self._template % (max(0, self._tokens - tokens), self._reset(tokens_reset_at, now))
+        return b""
+
+    def admitted(self, requests: int, tokens: int, tokens_reset_at: float, now: float) -> bytes:
+        """``render`` for an admitted request, the newest in the window: neither count is over its limit, and the
+        requests' window is whole again 60 s from now. The OpenAI routes' case is the one that matters most."""
+        if self._anthropic:
+            return self.render(requests, int(now) + WINDOW_S, tokens, tokens_reset_at, now)
+        if self._tokens:
+            # The newest token's second is within the last 60 s: its reset is at most 60 s away.
+            reset = _DURATIONS[min(WINDOW_S, math.ceil(tokens_reset_at - now))]
+            if self._requests:
+                return self._whole % (self._requests - requests, self._tokens - tokens, reset)
+            return self._whole % (self._tokens - tokens, reset)
+        if self._requests:
+            return self._whole % (self._requests - requests)
+        return b""
+
+    def _reset(self, at: float, now: float) -> bytes:
+        if self._anthropic:
+            second = math.ceil(at)
+            text = self._times.get(second)
+            if text is None:
+                if len(self._times) > 2 * WINDOW_S:
+                    self._times.clear()
+                text = self._times[second] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)).encode()
+            return text
+        s = max(0, math.ceil(at - now))
+        return _DURATIONS[s] if s <= WINDOW_S else _duration(s).encode()

@@ -21,6 +21,7 @@ import hashlib
 import math
 import mmap
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +36,13 @@ DAY_S = 86400
 # ledger: before a reboot, or while the client had no limits), and those tokens.
 _BASE_DAY, _BASE_TOKENS = 0, 1
 _HEADER = 8
-# A region: the newest second its ring holds, the totals of its ring, its newest second with a request (a token), its
-# day and the day's tokens; then the ring, 60 times (second, requests, tokens).
-_NOW, _REQUESTS, _TOKENS, _LAST_REQUEST, _LAST_TOKEN, _DAY, _DAY_TOKENS = range(7)
+# A region: the newest second its ring holds, the totals of its ring, a spare word, its newest second with a
+# token, its day and the day's tokens; then the ring, 60 times (second, requests, tokens).
+_NOW, _REQUESTS, _TOKENS, _UNUSED, _LAST_TOKEN, _DAY, _DAY_TOKENS = range(7)
 _RING = 8
 _REGION = _RING + 3 * WINDOW_S
+# A region's counters, read in one call (a check reads every region in use: per word, it would cost three times more).
+_COUNTERS = struct.Struct("7q")
 _SIZE = 8 * (_HEADER + SLOTS * _REGION)
 
 
@@ -79,7 +82,8 @@ class Window:
         try:
             if os.fstat(fd).st_size < _SIZE:
                 os.ftruncate(fd, _SIZE)  # sparse: only the regions in use take memory
-            self._v = v = memoryview(mmap.mmap(fd, _SIZE)).cast("q")
+            self._map = mmap.mmap(fd, _SIZE)
+            self._v = v = memoryview(self._map).cast("q")
             self._own = _HEADER + slot * _REGION
             self._high = high
             # Once per worker start, and only here: two workers starting together must not both raise the base.
@@ -111,25 +115,27 @@ class Window:
 
     def _totals(self, second: int) -> tuple[int, int, int, int]:
         """The window's requests and tokens over every region, the day's tokens, and the newest second with a token."""
-        v = self._v
+        v, m, counters = self._v, self._map, _COUNTERS.unpack_from
         requests = tokens = last_token = 0
         today = second // DAY_S
         day = v[_BASE_TOKENS] if v[_BASE_DAY] == today else 0
-        for r in self._regions(self._high()):
-            held = v[r + _NOW]
-            if held > second - WINDOW_S:
-                req, tok = v[r + _REQUESTS], v[r + _TOKENS]
-                for s in range(held - WINDOW_S + 1, second - WINDOW_S + 1):  # held, but out of the window now
-                    i = r + _RING + 3 * (s % WINDOW_S)
-                    if v[i] == s:
-                        req -= v[i + 1]
-                        tok -= v[i + 2]
+        oldest = second - WINDOW_S
+        for r in range(_HEADER, _HEADER + self._high() * _REGION, _REGION):
+            held, req, tok, _, last, region_day, region_day_tokens = counters(m, 8 * r)
+            if held > oldest:
+                if held < second:  # a region not moved this second may hold seconds that have left the window
+                    for s in range(held - WINDOW_S + 1, oldest + 1):
+                        i = r + _RING + 3 * (s % WINDOW_S)
+                        if v[i] == s:
+                            req -= v[i + 1]
+                            tok -= v[i + 2]
                 requests += req
-                tokens += tok
-                if tok and v[r + _LAST_TOKEN] > last_token:
-                    last_token = v[r + _LAST_TOKEN]
-            if v[r + _DAY] == today:
-                day += v[r + _DAY_TOKENS]
+                if tok:
+                    tokens += tok
+                    if last > last_token:
+                        last_token = last
+            if region_day == today:
+                day += region_day_tokens
         return requests, tokens, day, last_token
 
     def admit(self, now: float, requests: int, tokens: int, day: int) -> tuple[int, int, float] | None:
@@ -138,13 +144,13 @@ class Window:
         its newest token leaves it."""
         v, r = self._v, self._own
         second = int(now)
-        i = self._advance(second)
+        # Within the second the region already holds (most requests), there is nothing to move.
+        i = r + _RING + 3 * (second % WINDOW_S) if v[r + _NOW] == second else self._advance(second)
         used, spent, day_spent, last_token = self._totals(second)
         if (requests and used >= requests) or (tokens and spent >= tokens) or (day and day_spent >= day):
             return None
         v[i + 1] += 1
         v[r + _REQUESTS] += 1
-        v[r + _LAST_REQUEST] = v[i]
         return used + 1, spent, last_token + WINDOW_S if spent else now
 
     def usage(self, now: float) -> Usage:
@@ -177,7 +183,7 @@ class Window:
     def charge(self, tokens: int, now: float) -> None:
         v, r = self._v, self._own
         second = int(now)
-        i = self._advance(second)
+        i = r + _RING + 3 * (second % WINDOW_S) if v[r + _NOW] == second else self._advance(second)
         v[i + 2] += tokens
         v[r + _TOKENS] += tokens
         v[r + _LAST_TOKEN] = v[i]

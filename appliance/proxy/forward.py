@@ -18,7 +18,7 @@ from appliance.metrics import proxy as metrics
 from appliance.policy.gate import Refusal
 from appliance.proxy.errors import ApiError
 from appliance.proxy.exchange import Exchange, finish
-from appliance.proxy.protocol import GONE_KEY, RECEIVE_KEY
+from appliance.proxy.protocol import GONE_KEY, HEAD_KEY, RECEIVE_KEY
 from appliance.proxy.relay import relay
 from appliance.proxy.routes import Route, is_anthropic
 from appliance.proxy.runtime import Runtime
@@ -139,6 +139,7 @@ class Forward:
         admission = rt.gate.enter(ex.client, self.anthropic)
         if isinstance(admission, Refusal):
             metrics.POLICY_REFUSED.labels(ex.client, admission.code).inc()
+            req.scope[HEAD_KEY].head_fields = admission.head
             raise ApiError(admission.status, admission.message, admission.code, admission.headers)
         # An on-demand model's request counts as in flight before its state is read (appliance.shared.modelstate).
         if not rt.try_enter(model):
@@ -150,7 +151,7 @@ class Forward:
         ex.forwarded = True
         if admission is not None:
             ex.admission = admission
-            resp.set_headers(admission.headers)
+            req.scope[HEAD_KEY].head_fields = admission.head
         headers = {h: v for h in UPSTREAM_HEADERS if (v := req.get_header(h))}
         headers["x-request-id"] = req.context.request_id
         disconnect: asyncio.Future[None] = req.scope[GONE_KEY]()

@@ -43,7 +43,6 @@ class Middleware:
 
     async def process_shutdown(self, scope: MutableMapping[str, Any], event: Any) -> None:
         metrics.flush()
-        self.rt.gate.pay()
         self.rt.deadlines.stop()
         self.rt.fair.stop()
         await self.rt.readiness.stop()

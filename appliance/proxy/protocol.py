@@ -53,6 +53,8 @@ from appliance.proxy.routes import is_anthropic
 
 #: The scope key of :meth:`LimitedHttpProtocol.watch_gone`.
 GONE_KEY = "appliance.watch_gone"
+#: The scope key of the connection's ``CoalescedTransport``: the app sets its ``head_fields``.
+HEAD_KEY = "appliance.head"
 #: The scope key of the request's ASGI ``receive``: the app reads the body from it directly (see ``forward.read_body``),
 #: and Falcon does not pass it on.
 RECEIVE_KEY = "appliance.receive"
@@ -69,17 +71,27 @@ class CoalescedTransport:
     """The transport as a response cycle sees it: a response's head is held until its body's first write, so that a
     complete response leaves in one send() rather than two (uvicorn writes the head on ``http.response.start`` and
     the body on ``http.response.body``, one system call and one TCP segment each). A head whose body is not written in
-    the same event-loop iteration (a stream waiting for its first event) goes out at the end of that iteration."""
+    the same event-loop iteration (a stream waiting for its first event) goes out at the end of that iteration.
 
-    __slots__ = ("_held", "_loop", "hold_next", "transport")
+    ``head_fields``: header fields, raw (``name: value\r\n`` each), that the app adds to its response's head, which
+    is the next write (the app sets them once it has read the request, so a ``100 Continue`` has gone out before). The
+    rate-limit headers go this way: six headers through Falcon and uvicorn, encoded and checked one by one, cost more
+    than the policy that computes them."""
+
+    __slots__ = ("_held", "_loop", "head_fields", "hold_next", "transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
         self.hold_next = False
+        self.head_fields = b""
         self._held: bytes | None = None
         self._loop = loop
 
     def write(self, data: bytes) -> None:
+        if self.head_fields:
+            # The head ends with its blank line; the fields go before it.
+            data = data[:-2] + self.head_fields + b"\r\n"
+            self.head_fields = b""
         if self.hold_next:
             self.hold_next = False
             self.flush()
@@ -311,6 +323,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                            " retry shortly")
         self._in_body = True
         self.scope[GONE_KEY] = self.watch_gone  # type: ignore[literal-required]
+        self.scope[HEAD_KEY] = self._out  # type: ignore[literal-required]
         super().on_headers_complete()
         assert self.cycle is not None
         self.scope[RECEIVE_KEY] = self.cycle.receive  # type: ignore[literal-required]

@@ -18,12 +18,13 @@ request path.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
@@ -123,6 +124,11 @@ class HostLoad:
         """The number of slots ever claimed: the live workers' slots are below it."""
         assert self._owners is not None
         return int(self._owners[_HIGH])
+
+    def high_reader(self) -> Callable[[], int]:
+        """``high`` as a function of its own, for a check on the request path (a third of the property's cost)."""
+        assert self._owners is not None
+        return functools.partial(self._owners.__getitem__, _HIGH)
 
     def try_enter(self, model: str, limit: int) -> bool:
         """Count one more request for ``model`` unless the host already has ``limit`` in flight."""

@@ -54,3 +54,24 @@ def test_head_and_body_in_one_write_and_a_lone_head_by_the_end_of_the_iteration(
 
     assert asyncio.run(main()) == [("writelines", b"HEAD1BODY1"), ("write", b"MORE1"), ("write", b"HEAD2"),
                                    ("write", b"EVENT2"), ("write", b"HEAD3"), ("close", None)]
+
+
+def test_head_fields_go_into_the_next_head_only() -> None:
+    async def main() -> list[tuple[str, Any]]:
+        t = Recorder()
+        out = CoalescedTransport(t, asyncio.get_running_loop())  # type: ignore[arg-type]
+        out.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # written while the app reads the body: before it sets fields
+        out.head_fields = b"x-ratelimit-remaining-requests: 9\r\n"
+        out.hold_next = True
+        out.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        out.write(b"{}")
+        out.hold_next = True
+        out.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")  # the next response: no fields of its own
+        out.write(b"[]")
+        return t.calls
+
+    assert asyncio.run(main()) == [
+        ("write", b"HTTP/1.1 100 Continue\r\n\r\n"),
+        ("writelines", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-ratelimit-remaining-requests: 9\r\n\r\n{}"),
+        ("writelines", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]"),
+    ]
