@@ -14,7 +14,7 @@ from typing import Any
 
 from appliance.config import load
 from appliance.metrics import MULTIPROC_ENV, multiproc_dir
-from appliance.policy import concurrency_dir
+from appliance.policy import clients_dir, concurrency_dir, windows
 from appliance.proxy import retire
 from appliance.shared import admission, hostload
 
@@ -56,6 +56,7 @@ def on_starting(server: Any) -> None:
     path.mkdir(parents=True)
     hostload.reset(hostload.load_dir(_cfg))
     hostload.reset(concurrency_dir(_cfg))
+    windows.reset(clients_dir(_cfg))
     admission.reset(admission.admission_dir(_cfg))
 
 
@@ -70,7 +71,9 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     slot = hostload.release_dead(hostload.load_dir(_cfg), worker.pid)
-    hostload.release_dead(concurrency_dir(_cfg), worker.pid)
+    client_slot = hostload.release_dead(concurrency_dir(_cfg), worker.pid)
+    if client_slot >= 0:
+        windows.release_dead(clients_dir(_cfg), client_slot)
     if slot >= 0:  # the same worker slot in the admission queues: its waiters and slots go to the others
         admission.release_dead(admission.admission_dir(_cfg), slot, {m.name: m.parallel for m in _cfg.models})
 

@@ -17,5 +17,5 @@ def clients_dir(cfg: ApplianceConfig) -> Path:
 
 
 def concurrency_dir(cfg: ApplianceConfig) -> Path:
-    """The clients' in-flight counters, reset with the proxy like the models' (``inflight/``)."""
+    """Which region of the clients' files each proxy worker writes (its slot), reset with the proxy."""
     return Path(cfg.supervision.runtime_dir) / "clients-inflight"

@@ -1,9 +1,9 @@
 """The clients' policies on the request path (``[clients.<name>]``): which models a key may use, how many of its
 requests may be in flight on the host, and its request and token windows.
 
-A client without limits pays one dictionary lookup. Concurrency is counted like the models' queue bound (per-worker
-counters in shared memory, dropped with a dead worker); the windows are ``windows.Window`` files. Tokens are post-paid:
-they are known when the response ends, so the request that crosses a token limit finishes and the next one is refused.
+A client without limits pays one dictionary lookup; a client with any, one look at its ``windows.Window`` file (its
+requests in flight, its windows and its day, in shared memory). Tokens are post-paid: they are known when the response
+ends, so the request that crosses a token limit finishes and the next one is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from appliance.config import DEFAULT_CLIENT, UNLIMITED, ApplianceConfig, ClientPolicy, ModelConfig
 from appliance.policy import clients_dir, concurrency_dir
-from appliance.policy.windows import DAY_S, WINDOW_S, Usage, Window, client_file, day_start
+from appliance.policy.windows import BUSY, DAY_S, WINDOW_S, Usage, Window, client_file, day_start
 from appliance.shared.hostload import HostLoad
 from appliance.usage.ledger import LedgerError, ledger_path, tokens_since
 
@@ -45,7 +45,7 @@ class _Limits:
         self.requests, self.tokens, self.day = p.requests_per_minute, p.tokens_per_minute, p.tokens_per_day
         #: The rate-limit header fields: OpenAI's (index False), Anthropic's (True).
         self.fields = (RateFields(p, False), RateFields(p, True))
-        #: The request and token windows (``Gate.start``), for a client with either or a daily budget.
+        #: Its requests in flight, its windows and its day (``Gate.start``).
         self.window: Window | None = None
 
 
@@ -53,15 +53,13 @@ class Admission:
     """A request let through by its client's policy; ``Gate.leave`` ends it. (A plain class with slots: one is made
     per request of a limited client, and a dataclass's construction costs twice as much.)"""
 
-    __slots__ = ("at", "client", "concurrent", "head", "window")
+    __slots__ = ("at", "head", "window")
 
-    def __init__(self, client: str, concurrent: bool, at: float) -> None:
-        self.client = client
-        self.window: Window | None = None
-        self.concurrent = concurrent
+    def __init__(self, window: Window, at: float, head: bytes) -> None:
+        self.window: Window | None = window
         self.at = at
-        #: The rate-limit header fields of a client with windows, raw for the response head (``RateFields``).
-        self.head = b""
+        #: The rate-limit header fields of a client with minute windows, raw for the response head (``RateFields``).
+        self.head = head
 
 
 def _duration(seconds: float) -> str:
@@ -85,16 +83,16 @@ class Gate:
             models = [m for m in cfg.models if {m.name, *m.aliases} & set(p.models)]
             self._allowed[n] = frozenset(m.name for m in models)
             self._visible[n] = frozenset(p.models) | {a for m in models for a in (m.name, *m.aliases)}
-        self._concurrency = HostLoad(concurrency_dir(cfg), [n for n, p in self._policies.items() if p.max_concurrent])
+        #: Only for this worker's slot, the region it writes in the clients' files.
+        self._slots = HostLoad(concurrency_dir(cfg), ())
         #: The clients with a limit: a request of any other pays one dictionary lookup.
         self._limits = {n: _Limits(p, self._sections[n]) for n, p in self._policies.items()
                         if p.max_concurrent or p.limited}
 
     def start(self) -> None:
-        """Claim this worker's slot (its concurrency counters and its regions of the windows) and map the windows,
-        their day no lower than the ledger's count."""
-        self._concurrency.start()
-        limited = [n for n, p in self._policies.items() if p.limited]
+        """Claim this worker's slot (its region in the clients' files) and map the files, their day no lower than the
+        ledger's count."""
+        self._slots.start()
         spent: dict[str, int] | None = None
 
         def seed(client: str) -> int:
@@ -108,9 +106,9 @@ class Gate:
                     spent = {}
             return spent.get(client, 0)
 
-        for n in limited:
-            self._limits[n].window = Window(client_file(clients_dir(self.cfg), n), self._concurrency.slot,
-                                            self._concurrency.high_reader(), functools.partial(seed, n))
+        for n, limits in self._limits.items():
+            limits.window = Window(client_file(clients_dir(self.cfg), n), self._slots.slot, self._slots.high_reader(),
+                                   functools.partial(seed, n))
 
     def policy(self, client: str) -> ClientPolicy:
         return self._policies.get(client, UNLIMITED)
@@ -128,25 +126,18 @@ class Gate:
         limits = self._limits.get(client)
         if limits is None:
             return None
-        concurrent = limits.concurrent
-        if concurrent and not self._concurrency.try_enter(client, concurrent):
-            return Refusal(429, "concurrency_limit_exceeded",
-                           f"client {client!r} already has {concurrent} requests in flight on this host "
-                           f"(clients.{limits.section}.max_concurrent); retry when one has finished",
-                           {"Retry-After": "1"})
-        now = time.time()
-        admission = Admission(client, bool(concurrent), now)
         window = limits.window
-        if window is None:
-            return admission
-        counted = window.admit(now, limits.requests, limits.tokens, limits.day)
-        if counted is None:
-            if concurrent:
-                self._concurrency.leave(client)
+        assert window is not None
+        now = time.time()
+        counted = window.admit(now, limits.concurrent, limits.requests, limits.tokens, limits.day)
+        if isinstance(counted, int):
+            if counted == BUSY:
+                return Refusal(429, "concurrency_limit_exceeded",
+                               f"client {client!r} already has {limits.concurrent} requests in flight on this host "
+                               f"(clients.{limits.section}.max_concurrent); retry when one has finished",
+                               {"Retry-After": "1"})
             return self._refusal(client, limits, window.usage(now), now, anthropic)
-        admission.window = window
-        admission.head = limits.fields[anthropic].admitted(counted[0], counted[1], counted[2], now)
-        return admission
+        return Admission(window, now, limits.fields[anthropic].admitted(counted[0], counted[1], counted[2], now))
 
     def _refusal(self, client: str, limits: _Limits, usage: Usage, now: float, anthropic: bool) -> Refusal:
         p, section = self._policies[client], limits.section
@@ -181,10 +172,12 @@ class Gate:
             admission.window.undo(admission.at)
         self.leave(admission)
 
-    def leave(self, admission: Admission) -> None:
-        if admission.concurrent:
-            admission.concurrent = False
-            self._concurrency.leave(admission.client)
+    @staticmethod
+    def leave(admission: Admission) -> None:
+        window = admission.window
+        if window is not None:
+            admission.window = None
+            window.leave()
 
     def charge(self, client: str, tokens: int) -> None:
         """Count a finished request's tokens in its client's windows (this worker's region: no lock)."""

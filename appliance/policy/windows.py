@@ -1,11 +1,15 @@
-"""One client's request and token windows, shared by every proxy worker of the host.
+"""One client's request and token windows and its requests in flight, shared by every proxy worker of the host.
 
 A file per client under ``<runtime_dir>/clients/``, mapped by every worker. Each worker slot (the one it holds in the
-in-flight counters, ``appliance.shared.hostload``) has a region of its own that only its worker writes: a ring of 60
-one-second buckets (the second, its requests, its tokens), their totals, and the day's tokens. "The last 60 s" is the
-buckets of the 60 seconds up to now: a sliding window exact to the second. A check adds up the regions of the slots
-in use; nothing takes a lock on the request path, and nothing is ever lost to two workers writing one counter. Two
-workers admitting at the same instant may each let one request past a limit, as with the models' queue bound.
+clients' slot table, ``appliance.shared.hostload``) has a region of its own that only its worker writes: a ring of 60
+one-second buckets (the second, its requests, its tokens), their totals, the day's tokens and the requests it has in
+flight. "The last 60 s" is the buckets of the 60 seconds up to now: a sliding window exact to the second. A check
+adds up the regions of the slots in use, all limits in one pass; nothing takes a lock on the request path, and nothing
+is ever lost to two workers writing one counter. Two workers admitting at the same instant may each let one request
+past a limit, as with the models' queue bound.
+
+The requests in flight are a worker's only while it lives: a worker zeroes its own when it claims its slot, the
+gunicorn arbiter zeroes a dead worker's (``release_dead``) and every region's when the proxy starts (``reset``).
 
 A region whose worker has been idle still holds seconds that have since left the window: the check leaves them out
 (at most 59 buckets to look at, none while its worker is busy). A dead worker's region stays: its requests happened.
@@ -23,7 +27,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +40,16 @@ DAY_S = 86400
 # ledger: before a reboot, or while the client had no limits), and those tokens.
 _BASE_DAY, _BASE_TOKENS = 0, 1
 _HEADER = 8
-# A region: the newest second its ring holds, the totals of its ring, a spare word, its newest second with a
-# token, its day and the day's tokens; then the ring, 60 times (second, requests, tokens).
-_NOW, _REQUESTS, _TOKENS, _UNUSED, _LAST_TOKEN, _DAY, _DAY_TOKENS = range(7)
+# A region: the newest second its ring holds, the totals of its ring, a spare word (older versions wrote a second
+# there), its newest second with a token, its day and the day's tokens, its requests in flight; then the ring, 60 times
+# (second, requests, tokens).
+_NOW, _REQUESTS, _TOKENS, _SPARE, _LAST_TOKEN, _DAY, _DAY_TOKENS, _IN_FLIGHT = range(8)
 _RING = 8
 _REGION = _RING + 3 * WINDOW_S
 # A region's counters, read in one call (a check reads every region in use: per word, it would cost three times more).
-_COUNTERS = struct.Struct("7q")
+_COUNTERS = struct.Struct("8q")
+#: ``Window.admit``'s refusals: the client has ``max_concurrent`` requests in flight; a window or the day is full.
+BUSY, FULL = 0, 1
 _SIZE = 8 * (_HEADER + SLOTS * _REGION)
 
 
@@ -86,6 +93,7 @@ class Window:
             self._v = v = memoryview(self._map).cast("q")
             self._own = _HEADER + slot * _REGION
             self._high = high
+            v[self._own + _IN_FLIGHT] = 0  # a dead worker's, before this one claimed the slot
             # Once per worker start, and only here: two workers starting together must not both raise the base.
             with Locked(fd):
                 today = _today()
@@ -113,15 +121,17 @@ class Window:
         # A clock set back counts in the newest second the region holds.
         return r + _RING + 3 * (v[r + _NOW] % WINDOW_S)
 
-    def _totals(self, second: int) -> tuple[int, int, int, int]:
-        """The window's requests and tokens over every region, the day's tokens, and the newest second with a token."""
+    def _totals(self, second: int) -> tuple[int, int, int, int, int]:
+        """The window's requests and tokens over every region, the day's tokens, the newest second with a token, and
+        the requests in flight."""
         v, m, counters = self._v, self._map, _COUNTERS.unpack_from
-        requests = tokens = last_token = 0
+        requests = tokens = last_token = in_flight = 0
         today = second // DAY_S
         day = v[_BASE_TOKENS] if v[_BASE_DAY] == today else 0
         oldest = second - WINDOW_S
         for r in range(_HEADER, _HEADER + self._high() * _REGION, _REGION):
-            held, req, tok, _, last, region_day, region_day_tokens = counters(m, 8 * r)
+            held, req, tok, _, last, region_day, region_day_tokens, region_in_flight = counters(m, 8 * r)
+            in_flight += region_in_flight
             if held > oldest:
                 if held < second:  # a region not moved this second may hold seconds that have left the window
                     for s in range(held - WINDOW_S + 1, oldest + 1):
@@ -136,29 +146,36 @@ class Window:
                         last_token = last
             if region_day == today:
                 day += region_day_tokens
-        return requests, tokens, day, last_token
+        return requests, tokens, day, last_token, in_flight
 
-    def admit(self, now: float, requests: int, tokens: int, day: int) -> tuple[int, int, float] | None:
-        """Count this request unless the window has ``requests`` requests or ``tokens`` tokens, or the day ``day``
-        tokens (0: no such limit); None then. Else the window's requests (this one included) and tokens, and when
-        its newest token leaves it."""
+    def admit(self, now: float, concurrent: int, requests: int, tokens: int, day: int) -> tuple[int, int, float] | int:
+        """Count this request, in flight and in the window, unless the client has ``concurrent`` requests in flight
+        (``BUSY``), or the window ``requests`` requests or ``tokens`` tokens, or the day ``day`` tokens (``FULL``); 0:
+        no such limit. Else the window's requests (this one included) and tokens, and when its newest token leaves it.
+        ``leave`` ends the request."""
         v, r = self._v, self._own
         second = int(now)
         # Within the second the region already holds (most requests), there is nothing to move.
         i = r + _RING + 3 * (second % WINDOW_S) if v[r + _NOW] == second else self._advance(second)
-        used, spent, day_spent, last_token = self._totals(second)
+        used, spent, day_spent, last_token, in_flight = self._totals(second)
+        if concurrent and in_flight >= concurrent:
+            return BUSY
         if (requests and used >= requests) or (tokens and spent >= tokens) or (day and day_spent >= day):
-            return None
+            return FULL
         v[i + 1] += 1
         v[r + _REQUESTS] += 1
+        v[r + _IN_FLIGHT] += 1
         return used + 1, spent, last_token + WINDOW_S if spent else now
+
+    def leave(self) -> None:
+        self._v[self._own + _IN_FLIGHT] -= 1
 
     def usage(self, now: float) -> Usage:
         """The windows now, all of them (to tell a refused client what and until when)."""
         v = self._v
         second = int(now)
         self._advance(second)
-        used, spent, day_spent, last_token = self._totals(second)
+        used, spent, day_spent, last_token, _ = self._totals(second)
         merged: dict[int, list[int]] = {}
         last_request = 0
         for r in self._regions(self._high()):
@@ -173,7 +190,8 @@ class Window:
                      last_token + WINDOW_S if spent else now, sorted((s, b[0], b[1]) for s, b in merged.items()))
 
     def undo(self, at: float) -> None:
-        """Uncount a request admitted at ``at`` that was then refused (the host's queue was full)."""
+        """Uncount a request admitted at ``at`` that was then refused (the host's queue was full); ``leave`` still
+        ends it."""
         v, r = self._v, self._own
         i = r + _RING + 3 * (int(at) % WINDOW_S)
         if v[i] == int(at) and v[i + 1] > 0:
@@ -190,6 +208,32 @@ class Window:
         if v[r + _DAY] != second // DAY_S:
             v[r + _DAY], v[r + _DAY_TOKENS] = second // DAY_S, 0
         v[r + _DAY_TOKENS] += tokens
+
+
+def reset(directory: Path) -> None:
+    """Zero every region's requests in flight (at the arbiter's start: a previous run's are stale)."""
+    _zero_in_flight(directory, range(SLOTS))
+
+
+def release_dead(directory: Path, slot: int) -> None:
+    """Zero a dead worker's requests in flight in every client's file (run by the arbiter)."""
+    _zero_in_flight(directory, (slot,))
+
+
+def _zero_in_flight(directory: Path, slots: Iterable[int]) -> None:
+    for path in directory.glob("*.win"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_size < _SIZE:
+                continue
+            v = memoryview(mmap.mmap(fd, _SIZE)).cast("q")
+        finally:
+            os.close(fd)
+        for slot in slots:
+            v[_HEADER + slot * _REGION + _IN_FLIGHT] = 0
 
 
 def _today() -> int:

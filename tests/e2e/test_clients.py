@@ -229,6 +229,31 @@ def proxy_workers(app: Appliance) -> list[int]:
     return [int(p) for p in out]
 
 
+def test_the_requests_in_flight_of_killed_workers_are_freed(app: Appliance) -> None:
+    headers = {"Authorization": f"Bearer {KEYS['batch']}"}
+    body = {"model": "chat", "max_tokens": 48, "stream": True, "messages": [{"role": "user", "content": "Count on."}]}
+    url = app.url + "/v1/chat/completions"
+    with (httpx.Client(timeout=120) as c1, httpx.Client(timeout=120) as c2,
+          c1.stream("POST", url, json=body, headers=headers) as s1, c2.stream("POST", url, json=body, headers=headers)
+          as s2):
+        assert s1.status_code == s2.status_code == 200
+        assert post(app, "batch").status_code == 429  # its two are in flight
+        for pid in proxy_workers(app):
+            os.kill(pid, signal.SIGKILL)
+    # The workers that counted them are gone, and so are their requests: the client has its two again.
+    deadline = time.monotonic() + 60
+    statuses = []
+    while time.monotonic() < deadline:
+        try:
+            statuses.append(post(app, "batch").status_code)
+        except httpx.TransportError:
+            statuses.append(0)
+        if statuses[-1] == 200:
+            break
+        time.sleep(0.5)
+    assert statuses[-1] == 200 and 429 not in statuses, statuses
+
+
 def test_the_ledger_and_the_budget_survive_kill_9_and_a_restart(app: Appliance) -> None:
     assert post(app, "ledgered").status_code == 200
     time.sleep(2.5)
