@@ -4,6 +4,7 @@ and a usage ledger equal to what the clients were told."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,14 +84,21 @@ def test_a_client_limited_to_one_model_neither_reaches_nor_sees_the_others(app: 
     assert r.status_code == 404
 
 
-def test_max_concurrent_refuses_the_request_over_it_at_once(app: Appliance) -> None:
-    headers = {"Authorization": f"Bearer {KEYS['batch']}"}
+@contextlib.contextmanager
+def two_streams(app: Appliance, client: str) -> Iterator[tuple[httpx.Response, httpx.Response]]:
+    """Two streamed chat completions of ``client`` in flight."""
+    headers = {"Authorization": f"Bearer {KEYS[client]}"}
     body = {"model": "chat", "max_tokens": 48, "stream": True, "messages": [{"role": "user", "content": "Count on."}]}
     url = app.url + "/v1/chat/completions"
     with (httpx.Client(timeout=120) as c1, httpx.Client(timeout=120) as c2,
           c1.stream("POST", url, json=body, headers=headers) as s1, c2.stream("POST", url, json=body, headers=headers)
           as s2):
         assert s1.status_code == s2.status_code == 200
+        yield s1, s2
+
+
+def test_max_concurrent_refuses_the_request_over_it_at_once(app: Appliance) -> None:
+    with two_streams(app, "batch") as (s1, s2):
         t0 = time.monotonic()
         third = post(app, "batch")
         assert time.monotonic() - t0 < 2  # refused, not queued
@@ -230,13 +238,7 @@ def proxy_workers(app: Appliance) -> list[int]:
 
 
 def test_the_requests_in_flight_of_killed_workers_are_freed(app: Appliance) -> None:
-    headers = {"Authorization": f"Bearer {KEYS['batch']}"}
-    body = {"model": "chat", "max_tokens": 48, "stream": True, "messages": [{"role": "user", "content": "Count on."}]}
-    url = app.url + "/v1/chat/completions"
-    with (httpx.Client(timeout=120) as c1, httpx.Client(timeout=120) as c2,
-          c1.stream("POST", url, json=body, headers=headers) as s1, c2.stream("POST", url, json=body, headers=headers)
-          as s2):
-        assert s1.status_code == s2.status_code == 200
+    with two_streams(app, "batch"):
         assert post(app, "batch").status_code == 429  # its two are in flight
         for pid in proxy_workers(app):
             os.kill(pid, signal.SIGKILL)
