@@ -72,6 +72,7 @@ from bench.common import (
     percentile,
     run_main,
     say,
+    start_appliance_up,
     table,
     temp_dir,
     wait_ok,
@@ -221,8 +222,7 @@ def routing(cfg: Path) -> str:
 
 
 def start_host(kids: Children, host: Host) -> None:
-    kids.start(f"appliance {host.name}", [PYTHON, "-m", "appliance", "up", "--config", str(host.config)],
-               host.config.parent / "up.log", stop_wait_s=90)
+    start_appliance_up(kids, host.config, host.config.parent / "up.log", f"appliance {host.name}")
 
 
 def short_chat(url: str) -> None:

@@ -60,7 +60,6 @@ from bench.common import (
     LOOPBACK,
     MODEL_FILE,
     MODELS,
-    PYTHON,
     STUB_PARALLEL,
     Children,
     appliance_config,
@@ -76,11 +75,11 @@ from bench.common import (
     run_main,
     say,
     start_appliance_proxy,
+    start_appliance_up,
     start_stub_nginx,
     stub_model,
     table,
     temp_dir,
-    wait_ok,
     wrk_script,
 )
 
@@ -347,9 +346,7 @@ def neighbour(args: argparse.Namespace, tmp: Path) -> None:
     try:
         with Children() as kids:
             say("neighbour: starting the appliance (appliance up) and waiting for the model")
-            kids.start("appliance up", [PYTHON, "-m", "appliance", "up", "--config", str(config)], tmp / "up.log",
-                       stop_wait_s=90)
-            wait_ok(kids, "appliance", "GET", f"http://{LOOPBACK}:{proxy_port}/health", timeout_s=180)
+            start_appliance_up(kids, config, tmp / "up.log", port=proxy_port)
             print(f"2. noisy neighbour: Gemma 3 270M, llama-server --parallel {args.parallel} --threads "
                   f"{args.threads}, max_queue 64; streamed chat completions of {args.max_tokens} tokens "
                   "(temperature 0, ignore_eos)")

@@ -315,6 +315,16 @@ def stub_model(port: int) -> dict[str, Any]:
             "max_queue": 100_000}
 
 
+def start_appliance_up(kids: Children, config: Path, log: Path, name: str = "appliance up", port: int | None = None
+                       ) -> None:
+    """The whole appliance as an operator runs it from a checkout (``python -m appliance up``: supervisord, the
+    models, the proxy); with ``port``, until its /health answers 200. It stops its models on SIGTERM after the proxy
+    drained, hence the long stop wait."""
+    kids.start(name, [PYTHON, "-m", "appliance", "up", "--config", str(config)], log, stop_wait_s=90)
+    if port is not None:
+        wait_ok(kids, name, "GET", f"http://{LOOPBACK}:{port}/health", timeout_s=180)
+
+
 def start_appliance_proxy(kids: Children, tmp: Path, config: Path, port: int, tree: Path | None = None
                           ) -> subprocess.Popen[bytes]:
     """The proxy exactly as supervisord runs it: ``python -m gunicorn -c GUNICORN_CONF`` with $APPLIANCE_CONFIG.

@@ -52,7 +52,6 @@ from bench.common import (
     LOOPBACK,
     MODEL_FILE,
     MODELS,
-    PYTHON,
     Children,
     WrkResult,
     appliance_config,
@@ -65,6 +64,7 @@ from bench.common import (
     run_main,
     run_wrk,
     say,
+    start_appliance_up,
     start_bare_proxy,
     table,
     temp_dir,
@@ -249,10 +249,7 @@ def main() -> int:
     try:
         with Children() as kids:
             say("starting the appliance (appliance up) and waiting for the model")
-            # appliance up stops supervisord and the model on SIGTERM; the proxy drains for graceful_timeout_s first.
-            kids.start("appliance up", [PYTHON, "-m", "appliance", "up", "--config", str(config)], tmp / "up.log",
-                       stop_wait_s=90)
-            wait_ok(kids, "appliance", "GET", f"http://{LOOPBACK}:{proxy_port}/health", timeout_s=180)
+            start_appliance_up(kids, config, tmp / "up.log", port=proxy_port)
             bare_port, _ = start_bare_proxy(kids, tmp, model_port)
             urls["bare"] = f"http://{LOOPBACK}:{bare_port}/v1/completions"
             wait_ok(kids, "bare proxy", "GET", f"http://{LOOPBACK}:{bare_port}/health")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -44,13 +43,14 @@ from bench.common import (
     base_parser,
     fmt,
     free_port,
+    link_model,
     machine_summary,
     median,
     run_main,
     say,
+    start_appliance_up,
     table,
     temp_dir,
-    wait_ok,
 )
 
 PROMPT = "Write one sentence about the sea."
@@ -153,14 +153,11 @@ def loads(config: Path) -> int:
 def run_appliance(kids: Children, tmp: Path, models: list[dict[str, Any]], sections: dict[str, dict[str, Any]],
                   name: str) -> tuple[Path, str]:
     (tmp / name).mkdir()
-    (tmp / name / "models").mkdir()
-    os.link((MODELS / MODEL_FILE).resolve(), tmp / name / "models" / MODEL_FILE)
+    link_model(tmp / name / "models")
     config, port = appliance_config(tmp / name, models, binary=BINARY, models_dir=tmp / name / "models",
                                     sections=sections)
-    kids.start(f"appliance up ({name})", [PYTHON, "-m", "appliance", "up", "--config", str(config)],
-               tmp / name / "up.log", stop_wait_s=90)
+    start_appliance_up(kids, config, tmp / name / "up.log", f"appliance up ({name})", port)
     proxy = f"http://{LOOPBACK}:{port}"
-    wait_ok(kids, "appliance", "GET", f"{proxy}/health", timeout_s=180)
     return config, proxy
 
 
