@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the appliance needs on this machine, idempotently:
-#   system packages (cmake, a C++ compiler), .venv with the package and its locked dependencies (requirements*.lock),
-#   the pinned llama-server (built once per machine, cached under ~/.cache/appliance), and the default model (Gemma 3
-#   270M) under .appliance/models.
+#   system packages (cmake, a C and C++ compiler, Python's headers), .venv with the package and its locked dependencies
+#   (requirements*.lock), the pinned llama-server (built once per machine, cached under ~/.cache/appliance), and the
+#   default model (Gemma 3 270M) under .appliance/models.
 # Usage: scripts/setup.sh [--dev]     (--dev adds the test and lint tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +29,12 @@ need=()
 [[ "$extra" == dev* ]] && [[ ! -x /usr/sbin/haproxy ]] && need+=(haproxy)
 command -v cmake >/dev/null || need+=(cmake)
 command -v c++ >/dev/null || need+=(g++)
+command -v cc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+# Python's headers: the package has a compiled part (appliance/policy/_regions.pyx, built by its install).
+python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+    || need+=(python3-dev)
 if ((${#need[@]})); then
     say "installing system packages: ${need[*]}"
     if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi

@@ -17,6 +17,9 @@ A region whose worker has been idle still holds seconds that have since left the
 The file outlives reloads (new workers map the same file, so the counts go on) and lives as long as the runtime
 directory. When a worker maps it (a start, a reload), the day's tokens become at least what the usage ledger holds for
 today, so a daily budget also holds across restarts and reboots.
+
+This module finds, creates and maps the files; the layout and every read and write of it are ``_regions``'s, compiled:
+they are on a limited client's every request.
 """
 
 from __future__ import annotations
@@ -25,32 +28,17 @@ import hashlib
 import math
 import mmap
 import os
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.policy._regions import BUSY, DAY_S, FULL, SIZE, WINDOW_S, Regions, zero_in_flight
 from appliance.shared.filelock import Locked
 from appliance.shared.hostload import SLOTS
 
-WINDOW_S = 60
-DAY_S = 86400
-# Layout, in int64 words. The header: the day (days since the epoch) of the tokens the regions do not hold (from the
-# ledger: before a reboot, or while the client had no limits), and those tokens.
-_BASE_DAY, _BASE_TOKENS = 0, 1
-_HEADER = 8
-# A region: the newest second its ring holds, the totals of its ring, a spare word (older versions wrote a second
-# there), its newest second with a token, its day and the day's tokens, its requests in flight; then the ring, 60 times
-# (second, requests, tokens).
-_NOW, _REQUESTS, _TOKENS, _SPARE, _LAST_TOKEN, _DAY, _DAY_TOKENS, _IN_FLIGHT = range(8)
-_RING = 8
-_REGION = _RING + 3 * WINDOW_S
-# A region's counters, read in one call (a check reads every region in use: per word, it would cost three times more).
-_COUNTERS = struct.Struct("8q")
-#: ``Window.admit``'s refusals: the client has ``max_concurrent`` requests in flight; a window or the day is full.
-BUSY, FULL = 0, 1
-_SIZE = 8 * (_HEADER + SLOTS * _REGION)
+__all__ = ["BUSY", "DAY_S", "FULL", "WINDOW_S", "Usage", "Window", "client_file", "day_start", "release_dead",
+           "reset"]
 
 
 @dataclass(frozen=True)
@@ -81,133 +69,29 @@ def client_file(directory: Path, client: str) -> Path:
     return directory / (hashlib.sha256(client.encode()).hexdigest()[:24] + ".win")
 
 
-class Window:
+class Window(Regions):
+    """A client's file, mapped; the checks and counts are ``Regions``'s (``admit``, ``leave``, ``undo``, ``charge``)."""
+
     def __init__(self, path: Path, slot: int, high: Callable[[], int], seed_day_tokens: Callable[[], int]) -> None:
         """``slot``: this worker's; ``high``: the number of slots ever claimed (the live workers' are below it)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
-            if os.fstat(fd).st_size < _SIZE:
-                os.ftruncate(fd, _SIZE)  # sparse: only the regions in use take memory
-            self._map = mmap.mmap(fd, _SIZE)
-            self._v = v = memoryview(self._map).cast("q")
-            self._own = _HEADER + slot * _REGION
-            self._high = high
-            v[self._own + _IN_FLIGHT] = 0  # a dead worker's, before this one claimed the slot
+            if os.fstat(fd).st_size < SIZE:
+                os.ftruncate(fd, SIZE)  # sparse: only the regions in use take memory
+            self._map = mmap.mmap(fd, SIZE)
+            super().__init__(memoryview(self._map).cast("q"), slot, high)
             # Once per worker start, and only here: two workers starting together must not both raise the base.
             with Locked(fd):
-                today = _today()
-                held = sum(v[r + _DAY_TOKENS] for r in self._regions(SLOTS) if v[r + _DAY] == today)
-                base = v[_BASE_TOKENS] if v[_BASE_DAY] == today else 0
-                v[_BASE_DAY], v[_BASE_TOKENS] = today, max(base, seed_day_tokens() - held)
+                self.raise_day_base(_today(), seed_day_tokens())
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _regions(high: int) -> range:
-        return range(_HEADER, _HEADER + high * _REGION, _REGION)
-
-    def _advance(self, second: int) -> int:
-        """Move this worker's region to ``second``: the seconds that left the window leave its totals (at most 60
-        steps, none within the same second). The ring index of the current second."""
-        v, r = self._v, self._own
-        if second > v[r + _NOW]:
-            for s in range(max(v[r + _NOW] + 1, second - WINDOW_S + 1), second + 1):
-                i = r + _RING + 3 * (s % WINDOW_S)
-                v[r + _REQUESTS] -= v[i + 1]
-                v[r + _TOKENS] -= v[i + 2]
-                v[i], v[i + 1], v[i + 2] = s, 0, 0
-            v[r + _NOW] = second
-        # A clock set back counts in the newest second the region holds.
-        return r + _RING + 3 * (v[r + _NOW] % WINDOW_S)
-
-    def _totals(self, second: int) -> tuple[int, int, int, int, int]:
-        """The window's requests and tokens over every region, the day's tokens, the newest second with a token, and
-        the requests in flight."""
-        v, m, counters = self._v, self._map, _COUNTERS.unpack_from
-        requests = tokens = last_token = in_flight = 0
-        today = second // DAY_S
-        day = v[_BASE_TOKENS] if v[_BASE_DAY] == today else 0
-        oldest = second - WINDOW_S
-        for r in range(_HEADER, _HEADER + self._high() * _REGION, _REGION):
-            held, req, tok, _, last, region_day, region_day_tokens, region_in_flight = counters(m, 8 * r)
-            in_flight += region_in_flight
-            if held > oldest:
-                if held < second:  # a region not moved this second may hold seconds that have left the window
-                    for s in range(held - WINDOW_S + 1, oldest + 1):
-                        i = r + _RING + 3 * (s % WINDOW_S)
-                        if v[i] == s:
-                            req -= v[i + 1]
-                            tok -= v[i + 2]
-                requests += req
-                if tok:
-                    tokens += tok
-                    if last > last_token:
-                        last_token = last
-            if region_day == today:
-                day += region_day_tokens
-        return requests, tokens, day, last_token, in_flight
-
-    def admit(self, now: float, concurrent: int, requests: int, tokens: int, day: int) -> tuple[int, int, float] | int:
-        """Count this request, in flight and in the window, unless the client has ``concurrent`` requests in flight
-        (``BUSY``), or the window ``requests`` requests or ``tokens`` tokens, or the day ``day`` tokens (``FULL``); 0:
-        no such limit. Else the window's requests (this one included) and tokens, and when its newest token leaves it.
-        ``leave`` ends the request."""
-        v, r = self._v, self._own
-        second = int(now)
-        # Within the second the region already holds (most requests), there is nothing to move.
-        i = r + _RING + 3 * (second % WINDOW_S) if v[r + _NOW] == second else self._advance(second)
-        used, spent, day_spent, last_token, in_flight = self._totals(second)
-        if concurrent and in_flight >= concurrent:
-            return BUSY
-        if (requests and used >= requests) or (tokens and spent >= tokens) or (day and day_spent >= day):
-            return FULL
-        v[i + 1] += 1
-        v[r + _REQUESTS] += 1
-        v[r + _IN_FLIGHT] += 1
-        return used + 1, spent, last_token + WINDOW_S if spent else now
-
-    def leave(self) -> None:
-        self._v[self._own + _IN_FLIGHT] -= 1
-
     def usage(self, now: float) -> Usage:
         """The windows now, all of them (to tell a refused client what and until when)."""
-        v = self._v
-        second = int(now)
-        self._advance(second)
-        used, spent, day_spent, last_token, _ = self._totals(second)
-        merged: dict[int, list[int]] = {}
-        last_request = 0
-        for r in self._regions(self._high()):
-            for i in range(r + _RING, r + _REGION, 3):
-                if second - WINDOW_S < v[i] <= second and (v[i + 1] or v[i + 2]):
-                    b = merged.setdefault(v[i], [0, 0])
-                    b[0] += v[i + 1]
-                    b[1] += v[i + 2]
-                    if v[i + 1]:
-                        last_request = max(last_request, v[i])
-        return Usage(used, spent, day_spent, last_request + WINDOW_S if used else now,
-                     last_token + WINDOW_S if spent else now, sorted((s, b[0], b[1]) for s, b in merged.items()))
-
-    def undo(self, at: float) -> None:
-        """Uncount a request admitted at ``at`` that was then refused (the host's queue was full); ``leave`` still
-        ends it."""
-        v, r = self._v, self._own
-        i = r + _RING + 3 * (int(at) % WINDOW_S)
-        if v[i] == int(at) and v[i + 1] > 0:
-            v[i + 1] -= 1
-            v[r + _REQUESTS] -= 1
-
-    def charge(self, tokens: int, now: float) -> None:
-        v, r = self._v, self._own
-        second = int(now)
-        i = r + _RING + 3 * (second % WINDOW_S) if v[r + _NOW] == second else self._advance(second)
-        v[i + 2] += tokens
-        v[r + _TOKENS] += tokens
-        v[r + _LAST_TOKEN] = v[i]
-        if v[r + _DAY] != second // DAY_S:
-            v[r + _DAY], v[r + _DAY_TOKENS] = second // DAY_S, 0
-        v[r + _DAY_TOKENS] += tokens
+        requests, tokens, day_tokens, last_request, last_token, buckets = self.snapshot(now)
+        return Usage(requests, tokens, day_tokens, last_request + WINDOW_S if requests else now,
+                     last_token + WINDOW_S if tokens else now, buckets)
 
 
 def reset(directory: Path) -> None:
@@ -227,13 +111,12 @@ def _zero_in_flight(directory: Path, slots: Iterable[int]) -> None:
         except OSError:
             continue
         try:
-            if os.fstat(fd).st_size < _SIZE:
+            if os.fstat(fd).st_size < SIZE:
                 continue
-            v = memoryview(mmap.mmap(fd, _SIZE)).cast("q")
+            words = memoryview(mmap.mmap(fd, SIZE)).cast("q")
         finally:
             os.close(fd)
-        for slot in slots:
-            v[_HEADER + slot * _REGION + _IN_FLIGHT] = 0
+        zero_in_flight(words, slots)
 
 
 def _today() -> int:

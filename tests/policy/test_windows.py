@@ -6,7 +6,11 @@ import multiprocessing
 import time
 from pathlib import Path
 
+import pytest
+
+from appliance.policy._regions import Regions, zero_in_flight
 from appliance.policy.windows import BUSY, DAY_S, FULL, Window, release_dead, reset
+from appliance.shared.hostload import SLOTS
 
 T0 = 1_800_000_000.0  # a fixed moment, 20 s into a minute of the epoch's count (any works)
 
@@ -137,3 +141,19 @@ def test_a_new_worker_in_a_slot_starts_with_nothing_in_flight(tmp_path: Path) ->
     w = window(tmp_path)
     w.admit(now, 1, 0, 0, 0)
     assert window(tmp_path).admit(now, 1, 0, 0, 0) == (2, 0, now)  # the slot's new owner: the old one is gone
+
+
+def test_what_the_compiled_checks_would_index_unchecked_is_refused_up_front(tmp_path: Path) -> None:
+    # _regions.pyx reads and writes the file without bounds checks on the request path: a slot outside the file, or a
+    # file too short, is refused once, when it is mapped.
+    with pytest.raises(ValueError, match=f"slot {SLOTS} of a"):
+        window(tmp_path, slot=SLOTS)
+    short = memoryview(bytearray(8 * 64)).cast("q")
+    with pytest.raises(ValueError, match="slot 0 of a 64-word windows file"):
+        Regions(short, 0, lambda: 1)
+    with pytest.raises(ValueError, match="slot 0 of a 64-word windows file"):
+        zero_in_flight(short, [0])
+    # A high mark above the slots a file has is read as all of them.
+    w = Window(tmp_path / "d.win", 0, lambda: SLOTS + 5, lambda: 0)
+    assert w.admit(T0, 1, 0, 0, 0) == (1, 0, T0)
+    assert w.admit(T0, 1, 0, 0, 0) == BUSY
