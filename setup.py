@@ -2,4 +2,4 @@
 # still experimental in setuptools. Cython compiles the .pyx ([build-system] requires it).
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("appliance.policy._regions", ["appliance/policy/_regions.pyx"])])
+setup(ext_modules=[Extension("appliance.policy._requestpath", ["appliance/policy/_requestpath.pyx"])])

@@ -1,6 +1,7 @@
 """Clients: what the per-client policies cost on the request path, and what fair sharing gives a client next to a flood.
 
-Usage: python -m bench.clients [--rounds 5] [--seconds 4] [--flood 16] [--singles 5] [--only policies|neighbour]
+Usage: python -m bench.clients [--rounds 5] [--tries 3] [--seconds 4] [--flood 16] [--singles 5]
+                               [--only policies|neighbour]
 
 1. Policies (the nginx stub of bench.proxy_overhead as the upstream; wrk with one thread). Two appliance proxies run
    side by side in front of the same stub, with the same config except one thing:
@@ -8,16 +9,19 @@ Usage: python -m bench.clients [--rounds 5] [--seconds 4] [--flood 16] [--single
      without   API keys, no [clients] section: a request pays one dictionary lookup for its client's policy
      with      [clients.bench] for the benchmark's key, a policy that makes every check run and never refuses: the
                model in its `models` allow-list, max_concurrent, requests_per_minute (10^9: the window counts 60 s)
-               and tokens_per_minute far above the run, tokens_per_day huge; every request takes the shared
-               concurrency counter and the windows' check, carries the six rate-limit headers, and its tokens are
-               charged to the windows when it ends
+               and tokens_per_minute far above the run, tokens_per_day huge; every request is counted in flight and
+               in the windows after their check, carries the six rate-limit headers, and its tokens are charged to
+               the windows when it ends
 
    The stub model has `parallel` 64, above every concurrency: the admission queue (which both configs share) never
    holds a request, so what differs is the policies alone. Each round starts two new proxies (one process can run a
    few per cent faster or slower than an identical one for its whole life) and alternates the order (without, with;
-   then with, without) at each concurrency, so the machine's drift cancels out of each round's ratio. Reported:
-   requests/s, p50/p99, the proxy's CPU seconds per 1,000 requests (less its rate at rest), the medians of the
-   rounds' ratios with/without, and the goal: at c=16 the policies keep >= 0.95 x the throughput.
+   then with, without) at each concurrency, so the machine's drift cancels out of each round's ratio. Each proxy gets
+   --tries wrk runs per concurrency and round, alternating with the other's, and its best run counts: the kernel
+   spreads a run's connections over the proxy's two workers as they connect, a spread like 12/4 costs up to 30 % of
+   the throughput, and it only ever costs, so the best run is the proxy's own speed. Reported: requests/s, p50/p99,
+   the proxy's CPU seconds per 1,000 requests (less its rate at rest), the medians of the rounds' ratios
+   with/without, and the goal: at c=16 the policies keep >= 0.95 x the throughput.
 
 2. Noisy neighbour (the real model: `python -m appliance up` with the installed llama-server and Gemma 3 270M, one
    chat model with --parallel slots, max_queue 64). Two keys, `flood` and `single`. The flood keeps --flood streamed
@@ -140,7 +144,7 @@ def policies(args: argparse.Namespace, tmp: Path) -> None:
         print("   with:    [clients.bench] " + ", ".join(f"{k} = {v}" for k, v in POLICY.items()))
         print(f"   stub model parallel {STUB_PARALLEL} (the admission queue never holds a request); wrk -t1, "
               f"{args.seconds} s per run, {args.warmup} s warm-up; {args.rounds} rounds, each with two new proxies, "
-              "alternating the order")
+              f"the best of {args.tries} runs each, alternating the order")
         print()
         points: dict[tuple[str, int], list[Point]] = {}
         counted = 0
@@ -155,14 +159,23 @@ def policies(args: argparse.Namespace, tmp: Path) -> None:
                     _check_pair(proxies, urls, f"http://{LOOPBACK}:{stub_port}{CHAT_PATH}")
                 idle = {name: idle_cpu_per_s(root) for name, root in roots.items()}
                 for c in args.concurrency:
-                    for name in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
-                        w, per_1k = measured_wrk(urls[name], script, c, args.seconds, args.warmup, roots[name],
-                                                 idle[name])
-                        points.setdefault((name, c), []).append(Point(w.rps, w.p50_ms, w.p99_ms, per_1k, w.errors))
-                        say(f"c={c} round {r + 1}/{args.rounds} {name}: {w.rps:,.0f} req/s, p50 {w.p50_ms:.3f} ms, "
-                            f"p99 {w.p99_ms:.3f} ms, {fmt(per_1k, '.3f')} CPU s/1k req"
-                            + (f", {w.errors} errors" if w.errors else ""))
-                        proxies.check_alive()
+                    tries: dict[str, list[Point]] = {name: [] for name in CONFIGS}
+                    for t in range(args.tries):
+                        for name in CONFIGS if (r + t) % 2 == 0 else CONFIGS[::-1]:
+                            w, per_1k = measured_wrk(urls[name], script, c, args.seconds, args.warmup if t == 0 else 0,
+                                                     roots[name], idle[name])
+                            tries[name].append(Point(w.rps, w.p50_ms, w.p99_ms, per_1k, w.errors))
+                            proxies.check_alive()
+                    for name, runs in tries.items():
+                        # A run's connections are spread over the proxy's two workers when they connect, and an
+                        # uneven spread (12/4) only ever costs throughput: the best run is the proxy's own speed.
+                        p = max(runs, key=lambda p: p.rps)
+                        p.errors = sum(q.errors for q in runs)
+                        points.setdefault((name, c), []).append(p)
+                        say(f"c={c} round {r + 1}/{args.rounds} {name}: {p.rps:,.0f} req/s (best of "
+                            + " ".join(f"{q.rps:,.0f}" for q in runs) + f"), p50 {p.p50_ms:.3f} ms, "
+                            f"p99 {p.p99_ms:.3f} ms, {fmt(p.cpu_per_1k, '.3f')} CPU s/1k req"
+                            + (f", {p.errors} errors" if p.errors else ""))
                 _, headers = _post(urls["with"])
                 counted = POLICY["requests_per_minute"] - int(headers.get("x-ratelimit-remaining-requests", "0"))
         _report_policies(points, args.concurrency)
@@ -433,6 +446,8 @@ def main() -> int:
     g.add_argument("--seconds", type=int, default=4, help="wrk duration of each measured run (default 4)")
     g.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load before each run (default 1)")
     g.add_argument("--rounds", type=int, default=5, help="rounds per concurrency, alternating the order (default 5)")
+    g.add_argument("--tries", type=int, default=3,
+                   help="wrk runs per proxy, concurrency and round, alternating; the best counts (default 3)")
     g.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="wrk connections (default 1 16)")
     g = parser.add_argument_group("2. noisy neighbour")
     g.add_argument("--flood", type=int, default=16, help="the flood's requests in flight (default 16)")

@@ -32,7 +32,7 @@ command -v c++ >/dev/null || need+=(g++)
 command -v cc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
-# Python's headers: the package has a compiled part (appliance/policy/_regions.pyx, built by its install).
+# Python's headers: the package has a compiled part (appliance/policy/_requestpath.pyx, built by its install).
 python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
     || need+=(python3-dev)
 if ((${#need[@]})); then

@@ -1,8 +1,9 @@
 """The clients' policies on the request path (``[clients.<name>]``): which models a key may use, how many of its
 requests may be in flight on the host, and its request and token windows.
 
-A client without limits pays one dictionary lookup; a client with any, one look at its ``windows.Window`` file (its
-requests in flight, its windows and its day, in shared memory). Tokens are post-paid: they are known when the response
+A client without limits pays one dictionary lookup; a client with any, one compiled call (``_requestpath.Client``) that
+looks at its ``windows.Window`` file (its requests in flight, its windows and its day, in shared memory) and renders its
+rate-limit header fields. Tokens are post-paid: they are known when the response
 ends, so the request that crosses a token limit finishes and the next one is refused.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from appliance.config import DEFAULT_CLIENT, UNLIMITED, ApplianceConfig, ClientPolicy, ModelConfig
 from appliance.policy import clients_dir, concurrency_dir
+from appliance.policy._requestpath import Admission, Client
 from appliance.policy.windows import BUSY, DAY_S, WINDOW_S, Usage, Window, client_file, day_start
 from appliance.shared.hostload import HostLoad
 from appliance.usage.ledger import LedgerError, ledger_path, tokens_since
@@ -30,42 +32,8 @@ class Refusal:
     code: str
     message: str
     headers: dict[str, str]
-    #: The rate-limit header fields, raw for the response head (``RateFields``).
+    #: The rate-limit header fields, raw for the response head (``_requestpath.RateFields``).
     head: bytes = b""
-
-
-class _Limits:
-    """A client's policy as the request path reads it: only clients with a limit have one."""
-
-    __slots__ = ("concurrent", "day", "fields", "requests", "section", "tokens", "window")
-
-    def __init__(self, p: ClientPolicy, section: str) -> None:
-        self.section = section
-        self.concurrent = p.max_concurrent
-        self.requests, self.tokens, self.day = p.requests_per_minute, p.tokens_per_minute, p.tokens_per_day
-        #: The rate-limit header fields: OpenAI's (index False), Anthropic's (True).
-        self.fields = (RateFields(p, False), RateFields(p, True))
-        #: Its requests in flight, its windows and its day (``Gate.start``).
-        self.window: Window | None = None
-
-
-class Admission:
-    """A request let through by its client's policy; ``Gate.leave`` ends it. (A plain class with slots: one is made
-    per request of a limited client, and a dataclass's construction costs twice as much.)"""
-
-    __slots__ = ("at", "head", "window")
-
-    def __init__(self, window: Window, at: float, head: bytes) -> None:
-        self.window: Window | None = window
-        self.at = at
-        #: The rate-limit header fields of a client with minute windows, raw for the response head (``RateFields``).
-        self.head = head
-
-
-def _duration(seconds: float) -> str:
-    """OpenAI's form of a reset time: ``6m0s``, ``59s``."""
-    s = max(0, math.ceil(seconds))
-    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
 
 
 class Gate:
@@ -86,8 +54,9 @@ class Gate:
         #: Only for this worker's slot, the region it writes in the clients' files.
         self._slots = HostLoad(concurrency_dir(cfg), ())
         #: The clients with a limit: a request of any other pays one dictionary lookup.
-        self._limits = {n: _Limits(p, self._sections[n]) for n, p in self._policies.items()
-                        if p.max_concurrent or p.limited}
+        self._limits = {n: Client(self._sections[n], p.max_concurrent, p.requests_per_minute, p.tokens_per_minute,
+                                  p.tokens_per_day)
+                        for n, p in self._policies.items() if p.max_concurrent or p.limited}
 
     def start(self) -> None:
         """Claim this worker's slot (its region in the clients' files) and map the files, their day no lower than the
@@ -126,20 +95,19 @@ class Gate:
         limits = self._limits.get(client)
         if limits is None:
             return None
-        window = limits.window
-        assert window is not None
         now = time.time()
-        counted = window.admit(now, limits.concurrent, limits.requests, limits.tokens, limits.day)
-        if isinstance(counted, int):
-            if counted == BUSY:
-                return Refusal(429, "concurrency_limit_exceeded",
-                               f"client {client!r} already has {limits.concurrent} requests in flight on this host "
-                               f"(clients.{limits.section}.max_concurrent); retry when one has finished",
-                               {"Retry-After": "1"})
-            return self._refusal(client, limits, window.usage(now), now, anthropic)
-        return Admission(window, now, limits.fields[anthropic].admitted(counted[0], counted[1], counted[2], now))
+        admitted = limits.enter(now, anthropic)
+        if isinstance(admitted, Admission):
+            return admitted
+        if admitted == BUSY:
+            return Refusal(429, "concurrency_limit_exceeded",
+                           f"client {client!r} already has {limits.concurrent} requests in flight on this host "
+                           f"(clients.{limits.section}.max_concurrent); retry when one has finished",
+                           {"Retry-After": "1"})
+        assert isinstance(limits.window, Window)
+        return self._refusal(client, limits, limits.window.usage(now), now, anthropic)
 
-    def _refusal(self, client: str, limits: _Limits, usage: Usage, now: float, anthropic: bool) -> Refusal:
+    def _refusal(self, client: str, limits: Client, usage: Usage, now: float, anthropic: bool) -> Refusal:
         p, section = self._policies[client], limits.section
         reasons: list[tuple[float, str]] = []
         if p.tokens_per_day and usage.day_tokens >= p.tokens_per_day:
@@ -166,101 +134,8 @@ class Gate:
         return Refusal(429, "daily_token_budget_exceeded" if budget else "rate_limit_exceeded",
                        f"client {client!r} {why}; retry in {wait} s", headers, head)
 
-    def undo(self, admission: Admission) -> None:
-        """The request was refused after all (the model's queue on the host was full): it does not count."""
-        if admission.window is not None:
-            admission.window.undo(admission.at)
-        self.leave(admission)
-
-    @staticmethod
-    def leave(admission: Admission) -> None:
-        window = admission.window
-        if window is not None:
-            admission.window = None
-            window.leave()
-
     def charge(self, client: str, tokens: int) -> None:
-        """Count a finished request's tokens in its client's windows (this worker's region: no lock)."""
+        """Count a finished request's tokens in its client's windows."""
         limits = self._limits.get(client)
-        if limits is not None and limits.window is not None and tokens > 0:
-            limits.window.charge(tokens, time.time())
-
-
-#: The headers' names: OpenAI's, and Anthropic's on its routes; for requests, then tokens.
-_NAMES = {
-    False: ((b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests"),
-            (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")),
-    True: ((b"anthropic-ratelimit-requests-limit", b"anthropic-ratelimit-requests-remaining",
-            b"anthropic-ratelimit-requests-reset"),
-           (b"anthropic-ratelimit-tokens-limit", b"anthropic-ratelimit-tokens-remaining",
-            b"anthropic-ratelimit-tokens-reset")),
-}
-#: OpenAI's reset durations within a window, by whole seconds.
-_DURATIONS = tuple(_duration(s).encode() for s in range(WINDOW_S + 1))
-
-
-class RateFields:
-    """A client's rate-limit header fields: OpenAI's ``x-ratelimit-*``, or Anthropic's ``anthropic-ratelimit-*`` on
-    its routes. What is left of the minute's requests and tokens after this request, and when each is whole again (a
-    duration for OpenAI, a time for Anthropic).
-
-    Rendered raw, for the response head (``appliance.proxy.protocol.CoalescedTransport.head_fields``): through Falcon
-    and uvicorn, which encode and check every header one by one, six headers cost a limited client's request more than
-    all its policy's checks."""
-
-    __slots__ = ("_anthropic", "_requests", "_template", "_times", "_tokens", "_whole")
-
-    def __init__(self, p: ClientPolicy, anthropic: bool) -> None:
-        self._anthropic = anthropic
-        self._requests = p.requests_per_minute
-        self._tokens = p.tokens_per_minute
-        #: The fields with the values left to fill in: the remaining requests and their reset, the remaining tokens
-        #: and their reset (those of the limits the client has). ``_whole``: the same, for an admitted request of an
-        #: OpenAI route, with its requests' reset filled in (the window is whole again in 60 s).
-        self._template = self._whole = b""
-        for limit, (name, remaining, reset), whole in zip((self._requests, self._tokens), _NAMES[anthropic],
-                                                          (_DURATIONS[WINDOW_S], b"%s"), strict=True):
-            if limit:
-                self._template += b"%s: %d\r\n%s: %%d\r\n%s: %%s\r\n" % (name, limit, remaining, reset)
-                self._whole += b"%s: %d\r\n%s: %%d\r\n%s: %s\r\n" % (name, limit, remaining, reset, whole)
-        #: Anthropic's reset times, by second: a strftime costs more than the rest of the rendering.
-        self._times: dict[int, bytes] = {}
-
-    def render(self, requests: int, requests_reset_at: float, tokens: int, tokens_reset_at: float, now: float
-               ) -> bytes:
-        """The fields for a window with ``requests`` requests and ``tokens`` tokens (b"" without either limit)."""
-        if self._requests and self._tokens:
-            return self._template % (max(0, self._requests - requests), self._reset(requests_reset_at, now),
-                                     max(0, self._tokens - tokens), self._reset(tokens_reset_at, now))
-        if self._requests:
-            return self._template % (max(0, self._requests - requests), self._reset(requests_reset_at, now))
-        if self._tokens:
-            return self._template % (max(0, self._tokens - tokens), self._reset(tokens_reset_at, now))
-        return b""
-
-    def admitted(self, requests: int, tokens: int, tokens_reset_at: float, now: float) -> bytes:
-        """``render`` for an admitted request, the newest in the window: neither count is over its limit, and the
-        requests' window is whole again 60 s from now. The OpenAI routes' case is the one that matters most."""
-        if self._anthropic:
-            return self.render(requests, int(now) + WINDOW_S, tokens, tokens_reset_at, now)
-        if self._tokens:
-            # The newest token's second is within the last 60 s: its reset is at most 60 s away.
-            reset = _DURATIONS[min(WINDOW_S, math.ceil(tokens_reset_at - now))]
-            if self._requests:
-                return self._whole % (self._requests - requests, self._tokens - tokens, reset)
-            return self._whole % (self._tokens - tokens, reset)
-        if self._requests:
-            return self._whole % (self._requests - requests)
-        return b""
-
-    def _reset(self, at: float, now: float) -> bytes:
-        if self._anthropic:
-            second = math.ceil(at)
-            text = self._times.get(second)
-            if text is None:
-                if len(self._times) > 2 * WINDOW_S:
-                    self._times.clear()
-                text = self._times[second] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)).encode()
-            return text
-        s = max(0, math.ceil(at - now))
-        return _DURATIONS[s] if s <= WINDOW_S else _duration(s).encode()
+        if limits is not None:
+            limits.charge(tokens, time.time())

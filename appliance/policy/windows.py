@@ -18,8 +18,8 @@ The file outlives reloads (new workers map the same file, so the counts go on) a
 directory. When a worker maps it (a start, a reload), the day's tokens become at least what the usage ledger holds for
 today, so a daily budget also holds across restarts and reboots.
 
-This module finds, creates and maps the files; the layout and every read and write of it are ``_regions``'s, compiled:
-they are on a limited client's every request.
+This module finds, creates and maps the files; the layout and every read and write of it are compiled
+(``_requestpath.Regions``): they are on a limited client's every request.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.policy._regions import BUSY, DAY_S, FULL, SIZE, WINDOW_S, Regions, zero_in_flight
+from appliance.policy._requestpath import BUSY, DAY_S, FULL, SIZE, WINDOW_S, Regions, zero_in_flight
 from appliance.shared.filelock import Locked
 from appliance.shared.hostload import SLOTS
 

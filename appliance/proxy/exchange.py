@@ -11,6 +11,8 @@ import orjson
 
 from appliance.events.sink import EventSink
 from appliance.metrics import proxy as metrics
+from appliance.policy._requestpath import Admission
+from appliance.shared.admission import Ticket
 
 #: Probes need no key and emit no event (a load balancer polls them several times a second).
 PROBES = frozenset({"/health", "/livez", "/health/models/{name:path}"})
@@ -53,10 +55,10 @@ class Exchange:
     head: bytes = b""
     #: Admitted by its client's policy and the model's queue bound, and sent on: it counts in the client's usage.
     forwarded: bool = False
-    #: Its client's policy admission (``appliance.policy.gate.Admission``), while it counts against the client.
-    admission: Any = None
-    #: Its place in the model's admission queue, then its slot (``appliance.policy.admission.Ticket``).
-    ticket: Any = None
+    #: Its client's policy admission, while it counts against the client.
+    admission: Admission | None = None
+    #: Its place in the model's admission queue, then its slot.
+    ticket: Ticket | None = None
     #: Time spent in the admission queue, when every slot of the model was busy.
     queue_wait_s: float | None = None
     _usage: dict[str, Any] | None = None

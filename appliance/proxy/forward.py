@@ -144,7 +144,7 @@ class Forward:
         # An on-demand model's request counts as in flight before its state is read (appliance.shared.modelstate).
         if not rt.try_enter(model):
             if admission is not None:
-                rt.gate.undo(admission)
+                admission.undo()
             metrics.QUEUE_FULL.labels(model.name).inc()
             raise ApiError(429, f"model {model.name!r} has {model.queue_limit} requests in flight on this host "
                            "(parallel + max_queue); retry shortly", "rate_limit_exceeded", {"Retry-After": "1"})

@@ -114,7 +114,7 @@ class Runtime:
         self.load.leave(model.name)
         self.in_flight -= 1
         if ex.admission is not None:
-            self.gate.leave(ex.admission)
+            ex.admission.leave()
         if ex.ticket is not None:
             self.fair.leave(ex.ticket)
             ex.ticket = None

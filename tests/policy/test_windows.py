@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.policy._regions import Regions, zero_in_flight
+from appliance.policy._requestpath import Regions, zero_in_flight
 from appliance.policy.windows import BUSY, DAY_S, FULL, Window, release_dead, reset
 from appliance.shared.hostload import SLOTS
 
@@ -144,8 +144,8 @@ def test_a_new_worker_in_a_slot_starts_with_nothing_in_flight(tmp_path: Path) ->
 
 
 def test_what_the_compiled_checks_would_index_unchecked_is_refused_up_front(tmp_path: Path) -> None:
-    # _regions.pyx reads and writes the file without bounds checks on the request path: a slot outside the file, or a
-    # file too short, is refused once, when it is mapped.
+    # _requestpath.pyx reads and writes the file without bounds checks on the request path: a slot outside the file,
+    # or a file too short, is refused once, when it is mapped.
     with pytest.raises(ValueError, match=f"slot {SLOTS} of a"):
         window(tmp_path, slot=SLOTS)
     short = memoryview(bytearray(8 * 64)).cast("q")
