@@ -225,7 +225,7 @@ def zero_in_flight(words, slots):
         v[_HEADER + <Py_ssize_t>slot * _REGION + _IN_FLIGHT] = 0
 
 
-def duration(seconds):
+cdef str _duration(seconds):
     """OpenAI's form of a reset time: ``6m0s``, ``59s``."""
     s = max(0, math.ceil(seconds))
     return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
@@ -241,7 +241,7 @@ _NAMES = {
             b"anthropic-ratelimit-tokens-reset")),
 }
 #: OpenAI's reset durations within a window, by whole seconds.
-cdef tuple _DURATIONS = tuple(duration(s).encode() for s in range(WINDOW_S + 1))
+cdef tuple _DURATIONS = tuple([_duration(s).encode() for s in range(WINDOW_S + 1)])
 
 
 cdef class RateFields:
@@ -315,7 +315,7 @@ cdef class RateFields:
                 text = self._times[second] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)).encode()
             return text
         s = max(0, math.ceil(at - now))
-        return _DURATIONS[s] if s <= WINDOW_S else duration(s).encode()
+        return _DURATIONS[s] if s <= WINDOW_S else _duration(s).encode()
 
 
 cdef class Admission:

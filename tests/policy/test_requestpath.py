@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.policy._requestpath import BUSY, FULL, Admission, Client
+from appliance.policy._requestpath import BUSY, FULL, Admission, Client, RateFields
 from appliance.policy.windows import Window
 
 T0 = 1_800_000_000.0  # a whole second, 2027-01-15T08:00:00Z
@@ -74,3 +74,16 @@ def test_an_admission_ends_once_and_an_undone_one_does_not_count(tmp_path: Path)
 def test_a_client_without_its_file_is_an_error_not_a_crash() -> None:
     with pytest.raises(RuntimeError, match=r"clients\.team: its windows file is not mapped"):
         Client("team", 1, 0, 0, 0).enter(T0, False)
+
+
+def test_a_refusals_fields_say_when_the_window_has_room_again() -> None:
+    # A refused request's window is full: what is left is 0, and the reset is when the oldest seconds leave it.
+    fields = RateFields(3, 0, False)
+    assert fields.render(3, T0 + 42.5, 0, T0, T0) == (b"x-ratelimit-limit-requests: 3\r\n"
+                                                      b"x-ratelimit-remaining-requests: 0\r\n"
+                                                      b"x-ratelimit-reset-requests: 43s\r\n")
+    assert b"x-ratelimit-remaining-tokens: 0\r\nx-ratelimit-reset-tokens: 1m30s\r\n" in RateFields(0, 10, False).render(
+        0, T0, 12, T0 + 90, T0)
+    assert RateFields(0, 10, True).render(0, T0, 4, T0 + 90, T0) == (
+        b"anthropic-ratelimit-tokens-limit: 10\r\nanthropic-ratelimit-tokens-remaining: 6\r\n"
+        b"anthropic-ratelimit-tokens-reset: 2027-01-15T08:01:30Z\r\n")
