@@ -191,7 +191,7 @@ def next_source(tmp: Path, version: str) -> Path:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
         shutil.copytree(REPO / "appliance", src / "appliance", ignore=ignore)
         shutil.copytree(REPO / "systemd", src / "systemd")
-        for f in ("pyproject.toml", "README.md"):
+        for f in ("pyproject.toml", "setup.py", "README.md"):
             shutil.copy2(REPO / f, src / f)
         (src / "VERSION").write_text(version + "\n")
     return src
