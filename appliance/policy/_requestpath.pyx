@@ -56,6 +56,14 @@ SIZE = 8 * (_HEADER + SLOTS * _REGION)
 cdef Py_ssize_t _SLOTS = SLOTS
 
 
+cdef Py_ssize_t _region(long long[::1] v, Py_ssize_t slot) except -1:
+    """The first word of ``slot``'s region. The checks index the file unchecked: the slot and the file's size are
+    checked here, once per mapping."""
+    if v.shape[0] < _HEADER + _SLOTS * _REGION or not 0 <= slot < _SLOTS:
+        raise ValueError(f"slot {slot} of a {v.shape[0]}-word windows file")
+    return _HEADER + slot * _REGION
+
+
 cdef inline Py_ssize_t _bucket(Py_ssize_t region, long long second) noexcept nogil:
     return region + _RING + 3 * (second % _WINDOW)
 
@@ -71,10 +79,7 @@ cdef class Regions:
         """``words``: the file, as int64 words; ``high``: the number of slots ever claimed (the live workers' are
         below it)."""
         self._v = words
-        # The checks below index the file unchecked: the slot and the file's size are checked once, here.
-        if self._v.shape[0] < _HEADER + _SLOTS * _REGION or not 0 <= slot < SLOTS:
-            raise ValueError(f"slot {slot} of a {self._v.shape[0]}-word windows file")
-        self._own = _HEADER + slot * _REGION
+        self._own = _region(self._v, slot)
         self._high = high
         self._v[self._own + _IN_FLIGHT] = 0  # a dead worker's, before this one claimed the slot
 
@@ -109,11 +114,15 @@ cdef class Regions:
         # A clock set back counts in the newest second the region holds.
         return _bucket(r, v[r + _NOW])
 
+    cdef Py_ssize_t _in_use(self) except -1:
+        """The slots in use: those ever claimed, no more than the file has."""
+        return min(<Py_ssize_t>self._high(), _SLOTS)
+
     cdef void _totals(self, long long second, long long* out):
         """The window's requests and tokens over every region, the day's tokens, the newest second with a token, and
         the requests in flight, into ``out``."""
         cdef long long[::1] v = self._v
-        cdef Py_ssize_t high = min(<Py_ssize_t>self._high(), _SLOTS), r, i
+        cdef Py_ssize_t high = self._in_use(), r, i
         cdef long long requests = 0, tokens = 0, last_token = 0, in_flight = 0, held, req, tok, s
         cdef long long today = second // _DAY, oldest = second - _WINDOW
         cdef long long day = v[_BASE_TOKENS] if v[_BASE_DAY] == today else 0
@@ -204,7 +213,7 @@ cdef class Regions:
         self._advance(second)
         self._totals(second, t)
         merged = {}
-        for r in range(_HEADER, _HEADER + min(<Py_ssize_t>self._high(), _SLOTS) * _REGION, _REGION):
+        for r in range(_HEADER, _HEADER + self._in_use() * _REGION, _REGION):
             for i in range(r + _RING, r + _REGION, 3):
                 if second - _WINDOW < v[i] <= second and (v[i + 1] or v[i + 2]):
                     b = merged.setdefault(v[i], [0, 0])
@@ -220,9 +229,7 @@ def zero_in_flight(words, slots):
     """Zero the requests in flight of ``slots`` in one client's file (their workers are gone)."""
     cdef long long[::1] v = words
     for slot in slots:
-        if v.shape[0] < _HEADER + _SLOTS * _REGION or not 0 <= slot < SLOTS:
-            raise ValueError(f"slot {slot} of a {v.shape[0]}-word windows file")
-        v[_HEADER + <Py_ssize_t>slot * _REGION + _IN_FLIGHT] = 0
+        v[_region(v, slot) + _IN_FLIGHT] = 0
 
 
 cdef str _duration(seconds):
