@@ -1,9 +1,10 @@
 """The clients' policies on the request path (``[clients.<name>]``): which models a key may use, how many of its
 requests may be in flight on the host, and its request and token windows.
 
-A client without limits pays one dictionary lookup; a client with any, one compiled call (``_requestpath.Client``) that
+A client without limits pays one dictionary lookup; a client with any, one compiled call (``_requestpath.Limits``) that
 looks at its ``windows.Window`` file (its requests in flight, its windows and its day, in shared memory) and renders its
-rate-limit header fields. Tokens are post-paid: they are known when the response ends, so the request that crosses a
+rate-limit header fields, and one that charges its tokens. A refusal, the rare case, is explained here. Tokens are
+post-paid: they are known when the response ends, so the request that crosses a
 token limit finishes and the next one is refused.
 """
 
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 from appliance.config import DEFAULT_CLIENT, UNLIMITED, ApplianceConfig, ClientPolicy, ModelConfig
 from appliance.policy import clients_dir, concurrency_dir
-from appliance.policy._requestpath import Admission, Client
-from appliance.policy.windows import BUSY, DAY_S, WINDOW_S, Usage, Window, client_file, day_start
+from appliance.policy._requestpath import Client, Limits
+from appliance.policy.windows import BUSY, DAY_S, WINDOW_S, Window, client_file, day_start
 from appliance.shared.hostload import HostLoad
 from appliance.usage.ledger import LedgerError, ledger_path, tokens_since
 
@@ -57,6 +58,12 @@ class Gate:
         self._limits = {n: Client(self._sections[n], p.max_concurrent, p.requests_per_minute, p.tokens_per_minute,
                                   p.tokens_per_day)
                         for n, p in self._policies.items() if p.max_concurrent or p.limited}
+        path = Limits(self._limits, self._refusal)
+        #: ``enter(client, anthropic)``: admit one request of ``client`` to a model (an ``Admission``), or say why not
+        #: (a ``Refusal``); None: the client has no limits. ``charge(client, tokens)``: count a finished request's
+        #: tokens in its client's windows. Both compiled: they are on every request.
+        self.enter = path.enter
+        self.charge = path.charge
 
     def start(self) -> None:
         """Claim this worker's slot (its region in the clients' files) and map the files, their day no lower than the
@@ -90,24 +97,15 @@ class Gate:
         """Every name (model names and aliases) a client may use, or None for all."""
         return self._visible.get(client)
 
-    def enter(self, client: str, anthropic: bool) -> Admission | Refusal | None:
-        """Admit one request of ``client`` to a model, or say why not. None: the client has no limits."""
-        limits = self._limits.get(client)
-        if limits is None:
-            return None
-        now = time.time()
-        admitted = limits.enter(now, anthropic)
-        if isinstance(admitted, Admission):
-            return admitted
-        if admitted == BUSY:
+    def _refusal(self, client: str, code: int, now: float, anthropic: bool) -> Refusal:
+        limits = self._limits[client]
+        if code == BUSY:
             return Refusal(429, "concurrency_limit_exceeded",
                            f"client {client!r} already has {limits.concurrent} requests in flight on this host "
                            f"(clients.{limits.section}.max_concurrent); retry when one has finished",
                            {"Retry-After": "1"})
         assert isinstance(limits.window, Window)
-        return self._refusal(client, limits, limits.window.usage(now), now, anthropic)
-
-    def _refusal(self, client: str, limits: Client, usage: Usage, now: float, anthropic: bool) -> Refusal:
+        usage = limits.window.usage(now)
         p, section = self._policies[client], limits.section
         reasons: list[tuple[float, str]] = []
         if p.tokens_per_day and usage.day_tokens >= p.tokens_per_day:
@@ -133,9 +131,3 @@ class Gate:
             headers["x-should-retry"] = "false"
         return Refusal(429, "daily_token_budget_exceeded" if budget else "rate_limit_exceeded",
                        f"client {client!r} {why}; retry in {wait} s", headers, head)
-
-    def charge(self, client: str, tokens: int) -> None:
-        """Count a finished request's tokens in its client's windows."""
-        limits = self._limits.get(client)
-        if limits is not None:
-            limits.charge(tokens, time.time())

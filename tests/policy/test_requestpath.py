@@ -3,11 +3,12 @@ exactly as OpenAI's and Anthropic's SDKs read them; its admission ends once."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from appliance.policy._requestpath import BUSY, FULL, Admission, Client, RateFields
+from appliance.policy._requestpath import BUSY, FULL, Admission, Client, Limits, RateFields
 from appliance.policy.windows import Window
 
 T0 = 1_800_000_000.0  # a whole second, 2027-01-15T08:00:00Z
@@ -87,3 +88,29 @@ def test_a_refusals_fields_say_when_the_window_has_room_again() -> None:
     assert RateFields(0, 10, True).render(0, T0, 4, T0 + 90, T0) == (
         b"anthropic-ratelimit-tokens-limit: 10\r\nanthropic-ratelimit-tokens-remaining: 6\r\n"
         b"anthropic-ratelimit-tokens-reset: 2027-01-15T08:01:30Z\r\n")
+
+
+def test_the_request_paths_one_call_finds_the_client_and_hands_refusals_to_the_gate(tmp_path: Path) -> None:
+    refused: list[tuple[str, int, float, bool]] = []
+
+    def refuse(name: str, code: int, now: float, anthropic: bool) -> str:
+        refused.append((name, code, now, anthropic))
+        return "refused"
+
+    team = client(tmp_path, concurrent=1, tokens=100)
+    limits = Limits({"team": team}, refuse)
+    assert limits.enter("someone", False) is None  # no limits: nothing counted, no fields
+    before = time.time()
+    a = limits.enter("team", False)
+    assert isinstance(a, Admission) and before <= a.at <= time.time()
+    assert limits.enter("team", True) == "refused"
+    (name, code, at, anthropic), = refused
+    assert (name, code, anthropic) == ("team", BUSY, True) and a.at <= at <= time.time()
+    a.leave()
+    limits.charge("team", 40)
+    limits.charge("someone", 40)  # no limits: nothing to count
+    b = limits.enter("team", False)
+    assert isinstance(b, Admission) and b"x-ratelimit-remaining-tokens: 60\r\n" in b.head
+    b.leave()
+    limits.charge("team", 60)
+    assert limits.enter("team", False) == "refused" and refused[-1][:2] == ("team", FULL)
