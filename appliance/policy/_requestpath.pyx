@@ -337,7 +337,11 @@ cdef class RateFields:
         for limit, (name, remaining, reset) in zip((requests, tokens), _NAMES[anthropic], strict=True):
             if limit:
                 self._template += b"%s: %d\r\n%s: %%d\r\n%s: %%s\r\n" % (name, limit, remaining, reset)
-        (name, remaining, reset), (tname, tremaining, treset) = _NAMES[anthropic]
+        if not anthropic:  # Anthropic's admitted fields are rendered from the template
+            self._pieces(requests, tokens)
+
+    cdef _pieces(self, long long requests, long long tokens):
+        (name, remaining, reset), (tname, tremaining, treset) = _NAMES[False]
         self._before_requests = b"%s: %d\r\n%s: " % (name, requests, remaining) if requests else b""
         self._before_tokens = b"\r\n%s: %s" % (reset, _DURATIONS[WINDOW_S]) if requests else b""
         if tokens:

@@ -4,8 +4,8 @@ requests may be in flight on the host, and its request and token windows.
 A client without limits pays one dictionary lookup; a client with any, one compiled call (``_requestpath.Limits``) that
 looks at its ``windows.Window`` file (its requests in flight, its windows and its day, in shared memory) and renders its
 rate-limit header fields, and one that charges its tokens. A refusal, the rare case, is explained here. Tokens are
-post-paid: they are known when the response ends, so the request that crosses a
-token limit finishes and the next one is refused.
+post-paid: they are known when the response ends, so the request that crosses a token limit finishes and the next one
+is refused.
 """
 
 from __future__ import annotations
